@@ -1,0 +1,106 @@
+"""Prune / grow selection: the one place that ranks weights.
+
+All functions work on flat 1-D tensors of a table (or of several tables concatenated,
+for a global budget) and are vectorised TF ops: they are meant to run only at an
+exploration step. Ties are broken uniformly at random (stateless, from ``seed``): the
+vector is permuted before ``tf.math.top_k``, whose order among equal keys is by index,
+so distinct values are still ranked exactly.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+_NEG_INF = float("-inf")
+
+
+def random_mask(size: int, num_active: int, seed: tuple[int, int]) -> tf.Tensor:
+    """A bool vector of ``size`` with exactly ``num_active`` True entries, uniformly at random.
+
+    >>> int(tf.reduce_sum(tf.cast(random_mask(10, 3, (0, 1)), tf.int32)))
+    3
+    """
+    if not 0 <= num_active <= size:
+        raise ValueError(f"num_active must be in [0, {size}], got {num_active!r}")
+    keys = tf.random.stateless_uniform([size], seed=seed)
+    chosen = tf.math.top_k(keys, k=num_active, sorted=False).indices
+    return _scatter_flags(size, chosen)
+
+
+def top_k_indices(keys: tf.Tensor, k: tf.Tensor | int, seed: tuple[int, int]) -> tf.Tensor:
+    """Indices of the ``k`` largest ``keys``, ties broken at random by ``seed``."""
+    perm = tf.random.experimental.stateless_shuffle(
+        tf.range(tf.size(keys, out_type=tf.int64)), seed=seed
+    )
+    picked = tf.math.top_k(tf.gather(keys, perm), k=k, sorted=False).indices
+    return tf.gather(perm, picked)
+
+
+def num_updates(mask: tf.Tensor, ratio: float) -> tf.Tensor:
+    """How many entries one exploration swaps: ``floor(ratio · active)``, capped so that
+    enough inactive entries remain to regrow into (``min(·, inactive)``)."""
+    active = tf.reduce_sum(tf.cast(mask, tf.int64))
+    inactive = tf.size(mask, out_type=tf.int64) - active
+    wanted = tf.cast(tf.floor(ratio * tf.cast(active, tf.float64)), tf.int64)
+    return tf.minimum(wanted, inactive)
+
+
+def prune_and_grow(
+    mask: tf.Tensor,
+    weights: tf.Tensor,
+    grow_scores: tf.Tensor | None,
+    num_update: tf.Tensor | int,
+    seed: tuple[int, int],
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """Swap ``num_update`` active entries for as many inactive ones.
+
+    Prunes the active entries with the smallest ``|weights|`` and grows, among the entries
+    that were inactive *before* this step (the ones just pruned are excluded), those with
+    the largest ``|grow_scores|``; ``grow_scores=None`` grows uniformly at random (SET).
+    The number of active entries is unchanged.
+
+    Args:
+      mask: bool [n], True = active.
+      weights: float [n].
+      grow_scores: float [n] or None.
+      num_update: entries to swap; must be ≤ both the active and the inactive count
+        (see :func:`num_updates`).
+      seed: stateless seed for tie-breaking / random growth.
+
+    Returns:
+      ``(new_mask, pruned_indices, grown_indices)``.
+
+    >>> m = tf.constant([True, True, False, False])
+    >>> new, pruned, grown = prune_and_grow(
+    ...     m, tf.constant([0.1, 2.0, 0.0, 0.0]), tf.constant([0.0, 0.0, 5.0, 1.0]), 1, (0, 0))
+    >>> new.numpy().tolist(), pruned.numpy().tolist(), grown.numpy().tolist()
+    ([False, True, True, False], [0], [2])
+    """
+    mask = tf.convert_to_tensor(mask, tf.bool)
+    size = tf.size(mask, out_type=tf.int64)
+    prune_keys = tf.where(mask, -tf.abs(tf.cast(weights, tf.float32)), _NEG_INF)
+    pruned = top_k_indices(prune_keys, num_update, seed)
+    if grow_scores is None:
+        candidate_keys = tf.random.stateless_uniform([size], seed=(seed[0] + 1, seed[1]))
+    else:
+        candidate_keys = tf.abs(tf.cast(grow_scores, tf.float32))
+    grow_keys = tf.where(mask, _NEG_INF, candidate_keys)
+    grown = top_k_indices(grow_keys, num_update, (seed[0] + 2, seed[1]))
+    new_mask = tf.logical_and(mask, tf.logical_not(_scatter_flags(size, pruned)))
+    new_mask = tf.logical_or(new_mask, _scatter_flags(size, grown))
+    return new_mask, pruned, grown
+
+
+def magnitude_mask(weights: tf.Tensor, num_active: int, seed: tuple[int, int]) -> tf.Tensor:
+    """Keep the ``num_active`` largest ``|weights|`` (one-shot magnitude pruning, OMP)."""
+    return _scatter_flags(
+        tf.size(weights, out_type=tf.int64),
+        top_k_indices(tf.abs(tf.cast(weights, tf.float32)), num_active, seed),
+    )
+
+
+def _scatter_flags(size: tf.Tensor | int, indices: tf.Tensor) -> tf.Tensor:
+    indices = tf.cast(indices, tf.int64)
+    return tf.scatter_nd(
+        indices[:, None], tf.ones_like(indices, dtype=tf.bool), tf.reshape(tf.cast(size, tf.int64), [1])
+    )

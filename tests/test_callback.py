@@ -1,0 +1,313 @@
+"""DynamicSparsity: validation, Algorithm 1 behaviour, optimizer state, logs, resume."""
+
+import glob
+import warnings
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import dsl_tf
+from dsl_tf import DynamicSparsity, MaskedEmbedding, masks
+
+
+# ----------------------------------------------------------------------------- validation
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"sparsity": 0.0}, "sparsity must be a float in (0, 1), got 0.0"),
+        ({"sparsity": 1.0}, "sparsity must be a float in (0, 1), got 1.0"),
+        ({"sparsity": "0.5"}, "sparsity must be a float in (0, 1), got '0.5'"),
+        ({"sparsity": {}}, "sparsity must be a float or a non-empty dict, got {}"),
+        ({"sparsity": {"users": 1.5}}, "sparsity['users'] must be a float in (0, 1), got 1.5"),
+        ({"update_interval": 0}, "update_interval must be an integer >= 1, got 0"),
+        ({"update_interval": 2.5}, "update_interval must be an integer >= 1, got 2.5"),
+        ({"initial_update_ratio": 0.0}, "initial_update_ratio must be in (0, 1], got 0.0"),
+        ({"initial_update_ratio": 1.2}, "initial_update_ratio must be in (0, 1], got 1.2"),
+        ({"decay": "step"}, "decay must be one of ['constant', 'cosine', 'linear'] or an UpdateSchedule, got 'step'"),
+        ({"end_step": 0}, "end_step must be an integer >= 1, got 0"),
+        ({"min_update_ratio": -0.1}, "min_update_ratio must be in [0, initial_update_ratio=0.5], got -0.1"),
+        ({"growth": "magnitude"}, "growth must be one of ('gradient', 'momentum', 'random', 'none'), got 'magnitude'"),
+        ({"budget": "layer"}, "budget must be one of ('per_layer', 'global'), got 'layer'"),
+        ({"budget": "global", "sparsity": {"a": 0.5}},
+         "budget='global' needs one float sparsity, got a per-layer dict sparsity={'a': 0.5}"),
+        ({"momentum": 1.0}, "momentum must be in [0, 1), got 1.0"),
+        ({"seed": -1}, "seed must be an integer >= 0, got -1"),
+        ({"verbose": "yes"}, "verbose must be an integer >= 0, got 'yes'"),
+    ],
+)
+def test_every_validation_error(kwargs, message):
+    with pytest.raises(ValueError) as err:
+        DynamicSparsity(**kwargs)
+    assert str(err.value) == message
+
+
+def test_no_masked_layer_is_an_error():
+    model = tf.keras.Sequential([tf.keras.Input((1,)), tf.keras.layers.Dense(1)])
+    model.compile("sgd", "mse")
+    with pytest.raises(ValueError, match="found no dsl_tf.MaskedEmbedding"):
+        model.fit(np.ones((4, 1)), np.ones((4, 1)), verbose=0, callbacks=[DynamicSparsity()])
+
+
+def test_end_step_cannot_be_inferred_from_unknown_cardinality():
+    model = _model(10, 2)
+    ds = tf.data.Dataset.from_tensor_slices((np.arange(10)[:, None], np.ones((10, 1)))).batch(5)
+    ds = ds.filter(lambda x, y: True)  # unknown cardinality
+    with pytest.raises(ValueError, match=r"could not infer end_step .* steps per epoch=None"):
+        model.fit(ds, epochs=2, verbose=0, callbacks=[DynamicSparsity(0.5, 1)])
+    model.fit(ds, epochs=2, verbose=0, callbacks=[DynamicSparsity(0.5, 1, end_step=4)])
+
+
+def test_sparsity_dict_must_name_every_layer():
+    model = _two_table_model()
+    model.compile("sgd", "mse")
+    with pytest.raises(ValueError, match=r"missing \['items'\], unknown \['itemz'\]"):
+        model.fit(*_two_table_data(), verbose=0,
+                  callbacks=[DynamicSparsity({"users": 0.5, "itemz": 0.9}, 2)])
+
+
+# ----------------------------------------------------------------------------- helpers
+def _model(rows, dim, optimizer="adam", lr=0.05, seed=0):
+    tf.keras.utils.set_random_seed(seed)
+    model = tf.keras.Sequential([
+        tf.keras.Input((1,), dtype="int64"),
+        MaskedEmbedding(rows, dim, embeddings_initializer=tf.keras.initializers.RandomNormal(seed=seed)),
+        tf.keras.layers.Flatten(),
+        tf.keras.layers.Dense(1, kernel_initializer=tf.keras.initializers.GlorotUniform(seed=seed)),
+    ])
+    opt = {"adam": tf.keras.optimizers.Adam(lr),
+           "momentum": tf.keras.optimizers.SGD(lr, momentum=0.9),
+           "adagrad": tf.keras.optimizers.Adagrad(lr)}[optimizer]
+    model.compile(opt, "mse")
+    return model
+
+
+def _two_table_model():
+    u = tf.keras.Input((1,), dtype="int64")
+    i = tf.keras.Input((1,), dtype="int64")
+    eu = MaskedEmbedding(40, 8, name="users")(u)
+    ei = MaskedEmbedding(60, 8, name="items")(i)
+    out = tf.reduce_sum(eu * ei, axis=[1, 2])[:, None]
+    return tf.keras.Model([u, i], out)
+
+
+def _two_table_data(n=200, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 40, (n, 1)), rng.integers(0, 60, (n, 1))], rng.normal(size=(n, 1))
+
+
+class _Invariants(tf.keras.callbacks.Callback):
+    """Placed after DynamicSparsity: checks the table after every step."""
+
+    def __init__(self, layer, dsl):
+        super().__init__()
+        self.layer, self.dsl, self.checked, self.explorations_seen = layer, dsl, 0, 0
+        self.prev_mask = None
+        self.grown_total = 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        emb, mask = self.layer.embeddings.numpy(), self.layer.mask.numpy()
+        assert np.count_nonzero(emb[mask == 0]) == 0, "pruned weight moved"
+        slots = masks.optimizer_slots(self.model.optimizer, self.layer.embeddings)
+        assert slots, "optimizer slots not found"
+        if len(self.dsl.explorations) > self.explorations_seen:  # an exploration just ran
+            self.explorations_seen = len(self.dsl.explorations)
+            grown = (mask == 1) & (self.prev_mask == 0)
+            assert grown.sum() == self.dsl.explorations[-1]["dsl_num_swapped"]
+            self.grown_total += grown.sum()
+            assert np.all(emb[grown] == 0), "grown weights must start from 0"
+            for slot in slots:
+                s = slot.numpy()
+                assert np.all(s[grown] == 0) and np.all(s[mask == 0] == 0), "slots not reset"
+        self.prev_mask = mask
+        self.checked += 1
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "momentum", "adagrad"])
+def test_optimizer_slots_cannot_revive_pruned_weights(optimizer):
+    model = _model(50, 8, optimizer)
+    layer = dsl_tf.masked_embeddings(model)[0]
+    dsl = DynamicSparsity(0.75, update_interval=3, initial_update_ratio=0.5)
+    inv = _Invariants(layer, dsl)
+    rng = np.random.default_rng(0)
+    model.fit(rng.integers(0, 50, (400, 1)), rng.normal(size=(400, 1)), batch_size=20,
+              epochs=2, verbose=0, callbacks=[dsl, inv])
+    assert inv.checked == 40 and inv.explorations_seen == 13 and inv.grown_total > 100
+    assert int(tf.reduce_sum(layer.mask)) == masks.budget(400, 0.75) == 100
+
+
+def test_growth_scores_accumulate_the_interval_gradient():
+    """Scores at an exploration = Σ over the interval's batches of ∂L/∂(E⊙M)."""
+    model = _model(30, 4, "momentum", lr=0.0)  # lr 0: weights fixed, gradients reproducible
+    layer = dsl_tf.masked_embeddings(model)[0]
+    rng = np.random.default_rng(1)
+    x, y = rng.integers(0, 30, (40, 1)), rng.normal(size=(40, 1)).astype(np.float32)
+    seen = {}
+
+    class Spy(tf.keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if batch == 3:
+                seen["scores"] = layer.growth_scores.numpy().copy()
+
+    dsl = DynamicSparsity(0.5, update_interval=100, end_step=1000)
+    model.fit(x, y, batch_size=10, epochs=1, shuffle=False, verbose=0, callbacks=[dsl, Spy()])
+    expected = np.zeros([30, 4], np.float32)
+    for b in range(4):
+        xb, yb = x[b * 10:(b + 1) * 10], y[b * 10:(b + 1) * 10]
+        with tf.GradientTape() as tape:
+            eff = tf.gather(layer.embeddings * layer.mask, xb[:, 0])
+            tape.watch(eff)
+            pred = model.layers[2](eff)
+            loss = tf.reduce_mean(tf.square(yb - pred))
+        g = tape.gradient(loss, eff).numpy()
+        np.add.at(expected, xb[:, 0], g)
+    np.testing.assert_allclose(seen["scores"], expected, rtol=1e-5, atol=1e-7)
+
+
+def test_planted_signal_dsl_finds_it_and_rp_does_not():
+    """Only 2 of 8 coordinates reach the output; DSL's mask converges onto them."""
+    rows, dim, signal = 200, 8, [1, 5]
+    head = np.zeros((dim, 1), np.float32)
+    head[signal] = 1.0
+    rng = np.random.default_rng(0)
+    targets = rng.normal(size=(rows, 1)).astype(np.float32) * 2
+    coverage = {}
+    for growth in ("gradient", "none"):
+        tf.keras.utils.set_random_seed(0)
+        layer = MaskedEmbedding(rows, dim, embeddings_initializer=tf.keras.initializers.RandomUniform(-0.01, 0.01, seed=0))
+        model = tf.keras.Sequential([tf.keras.Input((1,), dtype="int64"), layer, tf.keras.layers.Flatten(),
+                                     tf.keras.layers.Dense(1, use_bias=False, trainable=False)])
+        model.layers[-1].set_weights([head])
+        model.compile(tf.keras.optimizers.Adam(0.05), "mse")
+        dsl = DynamicSparsity(0.75, update_interval=10, initial_update_ratio=0.5, growth=growth, seed=3)
+        x = np.repeat(np.arange(rows), 4)[:, None]
+        model.fit(x, targets[x[:, 0]], batch_size=40, epochs=15, verbose=0, callbacks=[dsl])
+        mask = layer.mask.numpy()
+        coverage[growth] = mask[:, signal].sum() / mask.sum()
+    # RP keeps a random mask: ~ 2/8 of its budget on signal; DSL moves ≥ 90% onto signal.
+    assert coverage["none"] < 0.35, coverage
+    assert coverage["gradient"] > 0.9, coverage
+
+
+def test_rp_keeps_the_initial_mask_and_set_changes_it():
+    results = {}
+    for growth in ("none", "random"):
+        model = _model(50, 8)
+        layer = dsl_tf.masked_embeddings(model)[0]
+        init = masks.initial_masks([400], [100], seed=5)[0].numpy().reshape(50, 8)
+        rng = np.random.default_rng(0)
+        model.fit(rng.integers(0, 50, (200, 1)), rng.normal(size=(200, 1)), batch_size=20, epochs=2,
+                  verbose=0, callbacks=[DynamicSparsity(0.75, 5, growth=growth, seed=5)])
+        results[growth] = np.array_equal(layer.mask.numpy() == 1, init)
+        assert int(tf.reduce_sum(layer.mask)) == 100
+    assert results == {"none": True, "random": False}
+
+
+def test_global_budget_is_exact_and_can_shift_between_tables():
+    model = _two_table_model()
+    model.compile(tf.keras.optimizers.Adam(0.05), "mse")
+    dsl = DynamicSparsity(0.8, update_interval=2, budget="global", seed=1)
+    model.fit(*_two_table_data(), batch_size=20, epochs=3, verbose=0, callbacks=[dsl])
+    users, items = dsl_tf.masked_embeddings(model)
+    total = int(tf.reduce_sum(users.mask)) + int(tf.reduce_sum(items.mask))
+    assert total == masks.budget(40 * 8 + 60 * 8, 0.8) == 160
+
+
+def test_per_layer_dict_budgets():
+    model = _two_table_model()
+    model.compile(tf.keras.optimizers.Adam(0.05), "mse")
+    model.fit(*_two_table_data(), batch_size=20, epochs=2, verbose=0,
+              callbacks=[DynamicSparsity({"users": 0.5, "items": 0.9}, 3)])
+    users, items = dsl_tf.masked_embeddings(model)
+    assert int(tf.reduce_sum(users.mask)) == 160 and int(tf.reduce_sum(items.mask)) == 48
+
+
+def test_logs_history_and_tensorboard(tmp_path):
+    model = _two_table_model()
+    model.compile(tf.keras.optimizers.Adam(0.05), "mse")
+    dsl = DynamicSparsity(0.5, update_interval=4, log_dir=str(tmp_path), end_step=100)
+    hist = model.fit(*_two_table_data(), batch_size=20, epochs=2, verbose=0, callbacks=[dsl])
+    assert [e["dsl_step"] for e in dsl.explorations] == [4, 8, 12, 16, 20]
+    h = hist.history
+    assert h["dsl_step"] == [8, 20]
+    assert h["dsl_density/users"] == [0.5, 0.5] and h["dsl_density/items"] == [0.5, 0.5]
+    last = dsl.explorations[-1]
+    swapped = last["dsl_num_swapped"]
+    ratio = dsl.schedule(20, 100)
+    assert last["dsl_update_ratio"] == pytest.approx(ratio)
+    assert swapped == int(np.floor(ratio * 160)) + int(np.floor(ratio * 240))
+    # each swap flips two mask entries
+    assert last["dsl_mask_changed/users"] * 320 + last["dsl_mask_changed/items"] * 480 == pytest.approx(2 * swapped)
+    assert 0.5 < last["dsl_ever_active/users"] <= 1.0
+    events = glob.glob(str(tmp_path / "events.out.tfevents.*"))
+    assert events
+    tags = set()
+    for e in tf.compat.v1.train.summary_iterator(events[0]):
+        tags.update(v.tag for v in e.summary.value)
+    assert {"dsl_update_ratio", "dsl_density/users", "dsl_num_swapped"} <= tags
+
+
+def test_nan_weights_skip_the_update_with_a_warning():
+    model = _model(20, 4)
+    layer = dsl_tf.masked_embeddings(model)[0]
+
+    class Poison(tf.keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if batch == 1:
+                emb = layer.embeddings.numpy()
+                active = np.argwhere(layer.mask.numpy() == 1)[0]
+                emb[tuple(active)] = np.nan
+                layer.embeddings.assign(emb)
+                self.mask = layer.mask.numpy().copy()
+
+    poison = Poison()
+    dsl = DynamicSparsity(0.5, update_interval=2, end_step=100)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.fit(np.arange(20)[:, None], np.ones((20, 1)), batch_size=5, epochs=1, verbose=0,
+                  callbacks=[poison, dsl])
+    assert any("NaN/Inf" in str(w.message) for w in caught)
+    assert int(tf.reduce_sum(layer.mask)) == 40
+
+
+def _resume_run(tmp_path, interrupt_at=None):
+    model = _model(60, 8, "adam", seed=7)
+    rng = np.random.default_rng(3)
+    x, y = rng.integers(0, 60, (300, 1)), rng.normal(size=(300, 1))
+    callbacks = [tf.keras.callbacks.BackupAndRestore(str(tmp_path / "backup")),
+                 DynamicSparsity(0.8, update_interval=7, seed=11)]
+    if interrupt_at is not None:
+        class Interrupt(tf.keras.callbacks.Callback):
+            def on_epoch_begin(self, epoch, logs=None):
+                if epoch == interrupt_at:
+                    raise RuntimeError("interrupted")
+        with pytest.raises(RuntimeError, match="interrupted"):
+            model.fit(x, y, batch_size=30, epochs=5, shuffle=False, verbose=0,
+                      callbacks=callbacks + [Interrupt()])
+        model = _model(60, 8, "adam", seed=99)  # a fresh process would rebuild the model
+        callbacks = [tf.keras.callbacks.BackupAndRestore(str(tmp_path / "backup")),
+                     DynamicSparsity(0.8, update_interval=7, seed=11)]
+    model.fit(x, y, batch_size=30, epochs=5, shuffle=False, verbose=0, callbacks=callbacks)
+    layer = dsl_tf.masked_embeddings(model)[0]
+    return layer.mask.numpy(), layer.embeddings.numpy(), int(model.optimizer.iterations)
+
+
+def test_resume_with_backup_and_restore_is_identical(tmp_path):
+    mask_a, emb_a, steps_a = _resume_run(tmp_path / "a")
+    mask_b, emb_b, steps_b = _resume_run(tmp_path / "b", interrupt_at=3)
+    assert steps_a == steps_b == 50
+    np.testing.assert_array_equal(mask_a, mask_b)
+    np.testing.assert_array_equal(emb_a, emb_b)
+    assert int(mask_a.sum()) == masks.budget(480, 0.8)
+
+
+def test_same_seed_same_masks_different_seed_different_masks():
+    def run(seed):
+        model = _model(40, 4, seed=1)
+        rng = np.random.default_rng(0)
+        model.fit(rng.integers(0, 40, (100, 1)), rng.normal(size=(100, 1)), batch_size=10, epochs=2,
+                  shuffle=False, verbose=0, callbacks=[DynamicSparsity(0.7, 4, seed=seed)])
+        return dsl_tf.masked_embeddings(model)[0].mask.numpy()
+
+    a, b, c = run(1), run(1), run(2)
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
