@@ -187,8 +187,14 @@ class DynamicSparsity(tf.keras.callbacks.Callback):
                 if not done:
                     masks.apply_mask(layer, mask, self.model.optimizer)
                     layer.growth_scores.assign(tf.zeros_like(layer.growth_scores))
-        if self.budget == "global":
-            self._budgets = [int(tf.reduce_sum(l.mask).numpy()) for l in layers]
+        active = [int(tf.reduce_sum(tf.cast(l.mask, tf.int64)).numpy()) for l in layers]
+        if self.budget == "per_layer" and active != self._budgets:
+            raise ValueError(
+                "existing masks do not match the requested sparsity: active entries "
+                f"{dict(zip([l.name for l in layers], active))}, budgets "
+                f"{dict(zip([l.name for l in layers], self._budgets))}"
+            )
+        self._budgets = active
         tracking = self.growth in ("gradient", "momentum")
         for layer in layers:  # restored/continued runs keep their interval's scores
             layer.score_tracking.assign(tracking)
@@ -205,7 +211,7 @@ class DynamicSparsity(tf.keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None and self.explorations:
-            logs.update({k: v for k, v in self.explorations[-1].items()})
+            logs.update(self.explorations[-1])
 
     def on_train_end(self, logs=None):
         for layer in self._layers:

@@ -311,3 +311,14 @@ def test_same_seed_same_masks_different_seed_different_masks():
 
     a, b, c = run(1), run(1), run(2)
     assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def test_existing_mask_must_match_the_requested_budget():
+    model = _model(20, 4)
+    layer = dsl_tf.masked_embeddings(model)[0]
+    masks.apply_mask(layer, masks.initial_masks([80], [40], seed=0)[0], model.optimizer)
+    with pytest.raises(ValueError, match=r"active entries \{'masked_embedding.*': 40\}, budgets \{.*: 16\}"):
+        model.fit(np.arange(20)[:, None], np.ones((20, 1)), verbose=0, callbacks=[DynamicSparsity(0.8, 2)])
+    model.fit(np.arange(20)[:, None], np.ones((20, 1)), batch_size=5, verbose=0,
+              callbacks=[DynamicSparsity(0.5, 2, growth="none")])
+    assert int(tf.reduce_sum(layer.mask)) == 40

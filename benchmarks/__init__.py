@@ -1,0 +1,1 @@
+"""Benchmarks (not run in CI). Each script prints the exact figures recorded in docs/BENCHMARKS.md."""
