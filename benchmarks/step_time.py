@@ -48,8 +48,8 @@ def main(argv=None) -> None:
     p.add_argument("--items", type=int, default=40981)
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--batch", type=int, default=2048)
-    p.add_argument("--steps", type=int, default=200, help="steps per timed chunk")
-    p.add_argument("--rounds", type=int, default=5, help="round-robin rounds")
+    p.add_argument("--steps", type=int, default=50, help="steps per timed chunk")
+    p.add_argument("--rounds", type=int, default=16, help="round-robin rounds")
     p.add_argument("--interval", type=int, default=100, help="DSL exploration interval ΔT")
     p.add_argument("--sparsity", type=float, default=0.8)
     args = p.parse_args(argv)
@@ -66,21 +66,29 @@ def main(argv=None) -> None:
         "dense": [],
         "dsl": [dsl_tf.DynamicSparsity(args.sparsity, update_interval=args.interval, end_step=total_steps * 10)],
     }
-    times: dict[str, list[float]] = {k: [] for k in models}
+    wall: dict[str, list[float]] = {k: [] for k in models}
+    cpu: dict[str, list[float]] = {k: [] for k in models}
     for r in range(args.rounds + 1):  # round 0 = warm-up (tracing), not timed
         for name, model in models.items():
-            start = time.perf_counter()
+            w0, c0 = time.perf_counter(), time.process_time()
             model.fit(ds, epochs=1, verbose=0, callbacks=callbacks[name])
             if r:
-                times[name].append((time.perf_counter() - start) / args.steps * 1e3)
+                wall[name].append(time.perf_counter() - w0)
+                cpu[name].append(time.process_time() - c0)
     dsl_cb = callbacks["dsl"][0]
-    med = {k: statistics.median(v) for k, v in times.items()}
+    timed_steps = args.steps * args.rounds
     print(f"tables {args.users}x{args.dim} + {args.items}x{args.dim}, batch {args.batch}, Adam, "
-          f"s={args.sparsity}, ΔT={args.interval}, {args.rounds} rounds x {args.steps} steps")
-    print(f"explorations included in the DSL timing: {len(dsl_cb.explorations)}")
+          f"s={args.sparsity}, ΔT={args.interval}, {args.rounds} rounds x {args.steps} steps, "
+          f"explorations in the DSL run: {len(dsl_cb.explorations)}, mean "
+          f"{statistics.mean(e['dsl_seconds'] for e in dsl_cb.explorations):.2f} s each")
+    print("| variant | ms/step (wall, total) | ms/step (wall, median chunk) | CPU ms/step (total) |")
+    print("|---|---|---|---|")
     for k in models:
-        print(f"{k:>5}: median ms/step {med[k]:.2f}  (rounds: {', '.join(f'{t:.2f}' for t in times[k])})")
-    print(f"ratio dsl/dense = {med['dsl'] / med['dense']:.3f}")
+        print(f"| {k} | {sum(wall[k]) / timed_steps * 1e3:.1f} | "
+              f"{statistics.median(wall[k]) / args.steps * 1e3:.1f} | {sum(cpu[k]) / timed_steps * 1e3:.1f} |")
+    print(f"ratio dsl/dense: wall total {sum(wall['dsl']) / sum(wall['dense']):.3f}, "
+          f"wall median {statistics.median(wall['dsl']) / statistics.median(wall['dense']):.3f}, "
+          f"CPU total {sum(cpu['dsl']) / sum(cpu['dense']):.3f}")
 
 
 if __name__ == "__main__":

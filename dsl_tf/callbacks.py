@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import warnings
 from typing import Mapping
 
@@ -56,7 +57,7 @@ class DynamicSparsity(tf.keras.callbacks.Callback):
       log_dir: if given, TensorBoard scalars of every exploration are written there.
 
     Each exploration's statistics (step, ρ_t, swapped count, per-table density, fraction
-    of the mask changed, fraction of entries ever active) are appended to
+    of the mask changed, fraction of entries ever active, wall seconds it took) are appended to
     ``self.explorations`` and the latest ones are added to the epoch ``logs`` (so they
     land in ``History``) under keys starting with ``dsl_``.
 
@@ -249,6 +250,7 @@ class DynamicSparsity(tf.keras.callbacks.Callback):
         return [float(self.sparsity[n]) for n in names]
 
     def _explore(self, step: int) -> None:
+        start = time.perf_counter()
         ratio = self.schedule(step, self._end_step)
         layers = self._layers
         groups = [list(range(len(layers)))] if self.budget == "global" else [[i] for i in range(len(layers))]
@@ -274,6 +276,7 @@ class DynamicSparsity(tf.keras.callbacks.Callback):
             stats[f"dsl_ever_active/{layer.name}"] = (
                 float(tf.reduce_sum(tf.cast(layer.ever_active, tf.float32)).numpy()) / size
             )
+        stats["dsl_seconds"] = time.perf_counter() - start
         self.explorations.append(stats)
         if self.verbose:
             dens = ", ".join(f"{l.name}={stats[f'dsl_density/{l.name}']:.4f}" for l in layers)

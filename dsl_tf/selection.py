@@ -2,9 +2,8 @@
 
 All functions work on flat 1-D tensors of a table (or of several tables concatenated,
 for a global budget) and are vectorised TF ops: they are meant to run only at an
-exploration step. Ties are broken uniformly at random (stateless, from ``seed``): the
-vector is permuted before ``tf.math.top_k``, whose order among equal keys is by index,
-so distinct values are still ranked exactly.
+exploration step. Ties at the selection boundary are broken uniformly at random (stateless, from
+``seed``); distinct values are ranked exactly.
 """
 
 from __future__ import annotations
@@ -27,13 +26,26 @@ def random_mask(size: int, num_active: int, seed: tuple[int, int]) -> tf.Tensor:
     return _scatter_flags(size, chosen)
 
 
-def top_k_indices(keys: tf.Tensor, k: tf.Tensor | int, seed: tuple[int, int]) -> tf.Tensor:
-    """Indices of the ``k`` largest ``keys``, ties broken at random by ``seed``."""
-    perm = tf.random.experimental.stateless_shuffle(
-        tf.range(tf.size(keys, out_type=tf.int64)), seed=seed
-    )
-    picked = tf.math.top_k(tf.gather(keys, perm), k=k, sorted=False).indices
-    return tf.gather(perm, picked)
+def top_k_indices(keys: tf.Tensor, k: tf.Tensor | int, seed) -> tf.Tensor:
+    """Indices of the ``k`` largest ``keys``, ties at the k-th value broken at random.
+
+    Everything strictly above the k-th largest value is taken; the rest is drawn
+    uniformly (stateless, from ``seed``) among the entries equal to it. Only that tie set
+    is shuffled, so the cost is one ``top_k`` plus two passes over ``keys``.
+
+    >>> sorted(top_k_indices(tf.constant([3.0, 1.0, 4.0, 1.0, 5.0]), 2, (0, 0)).numpy())
+    [2, 4]
+    """
+    k = tf.cast(k, tf.int32)
+    values = tf.math.top_k(keys, k=k, sorted=False).values
+
+    def select() -> tf.Tensor:
+        threshold = tf.reduce_min(values)
+        above = tf.where(keys > threshold)[:, 0]
+        ties = tf.random.experimental.stateless_shuffle(tf.where(keys == threshold)[:, 0], seed=seed)
+        return tf.concat([above, ties[: k - tf.size(above)]], axis=0)
+
+    return tf.cond(k > 0, select, lambda: tf.zeros([0], tf.int64))
 
 
 def num_updates(mask: tf.Tensor, ratio: float) -> tf.Tensor:
@@ -65,7 +77,7 @@ def prune_and_grow(
       grow_scores: float [n] or None.
       num_update: entries to swap; must be ≤ both the active and the inactive count
         (see :func:`num_updates`).
-      seed: stateless seed for tie-breaking / random growth.
+      seed: stateless seed (two ints) for tie-breaking / random growth.
 
     Returns:
       ``(new_mask, pruned_indices, grown_indices)``.
@@ -76,16 +88,27 @@ def prune_and_grow(
     >>> new.numpy().tolist(), pruned.numpy().tolist(), grown.numpy().tolist()
     ([False, True, True, False], [0], [2])
     """
-    mask = tf.convert_to_tensor(mask, tf.bool)
+    return _prune_and_grow(
+        tf.convert_to_tensor(mask, tf.bool),
+        tf.convert_to_tensor(weights),
+        None if grow_scores is None else tf.convert_to_tensor(grow_scores),
+        tf.cast(num_update, tf.int64),
+        tf.constant(seed, tf.int64),
+    )
+
+
+@tf.function(reduce_retracing=True)
+def _prune_and_grow(mask, weights, grow_scores, num_update, seed):
     size = tf.size(mask, out_type=tf.int64)
-    prune_keys = tf.where(mask, -tf.abs(tf.cast(weights, tf.float32)), _NEG_INF)
-    pruned = top_k_indices(prune_keys, num_update, seed)
+    active = tf.where(mask)[:, 0]  # rank only the active entries for pruning
+    prune_keys = -tf.abs(tf.gather(tf.cast(weights, tf.float32), active))
+    pruned = tf.gather(active, top_k_indices(prune_keys, num_update, seed))
     if grow_scores is None:
-        candidate_keys = tf.random.stateless_uniform([size], seed=(seed[0] + 1, seed[1]))
+        candidate_keys = tf.random.stateless_uniform([size], seed=seed + [1, 0])
     else:
         candidate_keys = tf.abs(tf.cast(grow_scores, tf.float32))
     grow_keys = tf.where(mask, _NEG_INF, candidate_keys)
-    grown = top_k_indices(grow_keys, num_update, (seed[0] + 2, seed[1]))
+    grown = top_k_indices(grow_keys, num_update, seed + [2, 0])
     new_mask = tf.logical_and(mask, tf.logical_not(_scatter_flags(size, pruned)))
     new_mask = tf.logical_or(new_mask, _scatter_flags(size, grown))
     return new_mask, pruned, grown
