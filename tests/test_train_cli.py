@@ -1,0 +1,146 @@
+"""trainers/train.py end to end: CLI, run directory, load_run, every method's sparsity and MACs."""
+
+import json
+import subprocess
+import sys
+
+import dsl_tf
+import numpy as np
+import pytest
+from dsl_tf import masks
+
+from conftest import REPO
+from trainers.baselines import METHODS
+from trainers.evaluation import evaluate_full_ranking
+from trainers.runs import load_run
+from trainers.train import TrainConfig, run_training
+
+TINY = {"num_users": 120, "num_items": 150, "dim": 4, "mean_interactions": 12}
+TINY_ARGS = [arg for key, value in TINY.items() for arg in ("--dataset-arg", f"{key}={value}")]
+SPARSITY = 0.75
+
+
+def _cli(*args, timeout=300):
+    return subprocess.run(
+        [sys.executable, str(REPO / "trainers" / "train.py"), *args],
+        capture_output=True, text=True, timeout=timeout, cwd=REPO,
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
+
+
+def _config(tmp_path, method, **overrides):
+    options = dict(model="two_tower", dataset_args=TINY, method=method, sparsity=SPARSITY, epochs=4,
+                   batch_size=64, dim=8, lr=0.01, out=str(tmp_path / method), verbose=0)
+    return TrainConfig(**{**options, **overrides})
+
+
+def test_help():
+    result = _cli("--help")
+    assert result.returncode == 0
+    for flag in ("--model", "--method", "--sparsity", "--update-interval", "--protocol", "--overwrite"):
+        assert flag in result.stdout
+
+
+def test_bad_sparsity_fails_clearly(tmp_path):
+    result = _cli("--sparsity", "1.5", "--out", str(tmp_path / "bad"))
+    assert result.returncode == 2
+    assert "sparsity must be in (0, 1)" in result.stderr
+    assert not (tmp_path / "bad").exists()
+
+
+def test_cli_writes_complete_run_dir_and_load_run_restores_it(tmp_path):
+    out = tmp_path / "run"
+    result = _cli("--model", "two_tower", "--method", "dsl", "--sparsity", "0.8", "--epochs", "2", "--dim", "8",
+                  "--batch-size", "128", "--eval-every", "1", "--verbose", "0", "--out", str(out), *TINY_ARGS)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in ("config.json", "masks.npz", "item_popularity.npy", "summary.json", "weights/ckpt.index"):
+        assert (out / name).exists(), name
+    assert list((out / "tensorboard").rglob("events.out.tfevents.*"))
+    config = json.loads((out / "config.json").read_text())
+    assert config["model"] == "two_tower" and config["method"] == "dsl" and config["sparsity"] == 0.8
+    assert (config["num_users"], config["num_items"]) == (120, 150) and config["hparams"]["dim"] == 8
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["active_parameters"] == sum(masks.budget(n * 8, 0.8) for n in (120, 150))
+    assert summary["explorations"] and summary["training_macs"] > 0 and summary["peak_rss_mb"] > 0
+    assert set(summary["metrics"]) == {"recall@20", "ndcg@20", "hr@20", "precision@20"}
+
+    model, loaded_config = load_run(out)
+    assert loaded_config == config
+    # The restored model reproduces the run's final metrics exactly (same scores).
+    from trainers.data import load_dataset
+
+    data = load_dataset("synthetic", **TINY)
+    metrics = evaluate_full_ranking(model.scorer(), data.merged_train_valid().train, data.test)
+    for key, value in summary["metrics"].items():
+        assert metrics[key] == pytest.approx(value, abs=1e-12)
+    saved = np.load(out / "masks.npz")
+    for layer in dsl_tf.masked_embeddings(model):
+        assert int(saved[layer.name].sum()) == masks.budget(layer.mask.shape.num_elements(), 0.8)
+
+    again = _cli("--epochs", "1", "--out", str(out), *TINY_ARGS)
+    assert again.returncode == 2 and "--overwrite" in again.stderr
+
+
+def test_load_run_scores_equal_trained_model(tmp_path):
+    model, summary = run_training(_config(tmp_path, "dsl", model="lightgcn", epochs=2))
+    restored, _ = load_run(tmp_path / "dsl")
+    users = np.arange(20, dtype=np.int64)
+    np.testing.assert_array_equal(restored.score_all(users).numpy(), model.score_all(users).numpy())
+
+
+def test_load_run_rejects_incomplete_dir(tmp_path):
+    (tmp_path / "partial").mkdir()
+    (tmp_path / "partial" / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="incomplete"):
+        load_run(tmp_path / "partial")
+
+
+@pytest.fixture(scope="module")
+def method_runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("methods")
+    return {method: run_training(_config(tmp, method)) for method in METHODS}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_method_reaches_final_sparsity(method, method_runs):
+    model, summary = method_runs[method]
+    layers = dsl_tf.masked_embeddings(model)
+    for layer in layers:
+        active = int(layer.mask.numpy().sum())
+        size = layer.mask.shape.num_elements()
+        expected = size if method == "dense" else masks.budget(size, SPARSITY)
+        assert active == expected, (layer.name, active, expected)
+        assert np.all(layer.embeddings.numpy()[layer.mask.numpy() == 0] == 0.0)
+    assert summary["active_parameters"] == sum(int(l.mask.numpy().sum()) for l in layers)
+    assert summary["metrics"]["recall@20"] > 0
+
+
+def test_training_macs_follow_density(method_runs):
+    dense = method_runs["dense"][1]["training_macs"]
+    macs = {m: run[1]["training_macs"] / dense for m, run in method_runs.items()}
+    density = 1 - SPARSITY
+    for method in ("dsl", "rp", "set"):  # sparse from the first step
+        assert macs[method] == pytest.approx(density, rel=1e-6)
+    assert macs["omp"] == pytest.approx(0.5 * 1 + 0.5 * density, rel=1e-6)  # 2 dense + 2 sparse epochs
+    assert density < macs["gmp"] < 1.0
+    inference = {m: run[1]["inference_macs"] for m, run in method_runs.items()}
+    for method in METHODS[1:]:
+        assert inference[method] == pytest.approx(density * inference["dense"], rel=1e-6)
+
+
+def test_dsl_explores_but_rp_keeps_its_mask(method_runs):
+    dsl, rp = method_runs["dsl"][1]["explorations"], method_runs["rp"][1]["explorations"]
+    assert sum(e["dsl_num_swapped"] for e in dsl) > 0
+    assert all(e["dsl_num_swapped"] == 0 for e in rp)
+
+
+def test_same_seed_reproduces_the_run(tmp_path, method_runs):
+    first, first_summary = method_runs["dsl"]
+    again, again_summary = run_training(_config(tmp_path, "dsl"))
+    assert again_summary["metrics"] == first_summary["metrics"]
+    for a, b in zip(dsl_tf.masked_embeddings(first), dsl_tf.masked_embeddings(again)):
+        np.testing.assert_array_equal(a.mask.numpy(), b.mask.numpy())
+        np.testing.assert_array_equal(a.embeddings.numpy(), b.embeddings.numpy())
+    other, _ = run_training(_config(tmp_path, "dsl", seed=1, overwrite=True))
+    assert not np.array_equal(dsl_tf.masked_embeddings(other)[0].mask.numpy(),
+                              dsl_tf.masked_embeddings(first)[0].mask.numpy())

@@ -1,0 +1,602 @@
+"""Recommendation backbones whose id embeddings are :class:`dsl_tf.MaskedEmbedding` tables.
+
+Every model is a ``tfrs.models.Model`` (its ``train_step`` differentiates
+:meth:`Recommender.compute_loss` with a ``tf.GradientTape``), so ``model.fit`` plus
+:class:`dsl_tf.DynamicSparsity` trains it sparse; without the callback it is the dense
+model. Every model exposes:
+
+* ``score_all(user_ids int64[B]) -> float32[B, num_items]`` for full-ranking evaluation;
+* ``user_tower`` / ``item_tower``: for dot-product retrieval models (``two_tower``,
+  ``mf_bpr``), Keras layers mapping int64 ids ``[B]`` to vectors ``[B, d]`` whose first
+  layer is the ``MaskedEmbedding`` (scores are ``user_tower(u) · item_tower(i)``);
+  ``None`` for the others;
+* ``train_cost(batch_size)`` / ``inference_cost()``: dense forward MACs of the
+  embedding-dependent operations (see :class:`Cost`), for the paper's MAC accounting.
+
+>>> import dsl_tf
+>>> from trainers.models import build_model
+>>> model = build_model("mf_bpr", num_users=10, num_items=20, dim=8)
+>>> model.score_all(np.array([0, 3])).shape
+TensorShape([2, 20])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+from typing import Callable, ClassVar
+
+import dsl_tf  # noqa: F401  (sets TF_USE_LEGACY_KERAS before tf.keras is touched)
+import numpy as np
+import scipy.sparse as sp
+import tensorflow as tf
+import tensorflow_recommenders as tfrs
+
+EmbeddingFactory = Callable[..., tf.keras.layers.Layer]
+"""``factory(input_dim, output_dim, name=..., embeddings_initializer=...) -> layer``."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Cost:
+    """Dense forward MACs of a model's operations, split by what they scale with.
+
+    ``sparse_*`` are the MACs of operations that read embedding entries (dot products,
+    the first layer fed by embeddings, graph propagation of the tables); under sparsity
+    they are counted × the tables' density (the paper's accounting). ``dense_per_example``
+    are MACs of the other layers (e.g. NeuMF's deeper MLP), always counted in full.
+    Per-step costs are paid once per optimizer step / scoring pass (LightGCN's
+    propagation), per-example costs once per training example / scored user.
+    """
+
+    sparse_per_example: float
+    sparse_per_step: float = 0.0
+    dense_per_example: float = 0.0
+
+    def macs(self, examples: float, steps: float, density: float) -> float:
+        """Forward MACs of ``steps`` steps over ``examples`` examples at ``density``."""
+        sparse = self.sparse_per_example * examples + self.sparse_per_step * steps
+        return density * sparse + self.dense_per_example * examples
+
+
+def masked_embedding(input_dim: int, output_dim: int, **kwargs) -> tf.keras.layers.Layer:
+    """The default embedding factory: a :class:`dsl_tf.MaskedEmbedding`."""
+    return dsl_tf.MaskedEmbedding(input_dim, output_dim, **kwargs)
+
+
+class Recommender(tfrs.models.Model):
+    """Base class: hyper-parameters, embedding tables, datasets and costs.
+
+    Subclasses set ``HPARAMS`` (name → default), ``REFERENCE`` (the paper) and implement
+    ``compute_loss``, ``score_all`` and the costs. ``compute_loss`` calls every table
+    exactly once with ``training=training`` (TFMOT's pruning wrappers count steps by
+    training calls). Hyper-parameters are validated against
+    ``HPARAMS`` and available as ``self.hp.<name>``; ``self.hparams`` is the full dict
+    stored in a run's ``config.json``.
+
+    Args:
+      num_users, num_items: table sizes.
+      embedding_factory: builds every id table (default: ``MaskedEmbedding``); the GMP
+        baseline passes TFMOT-wrapped plain ``Embedding`` tables instead.
+      **hparams: overrides of ``HPARAMS``.
+    """
+
+    HPARAMS: ClassVar[dict] = {}
+    REFERENCE: ClassVar[str] = ""
+    needs_interactions: ClassVar[bool] = False
+    """True if scoring needs the training interactions (graph / user history):
+    call :meth:`attach` before training or scoring."""
+
+    def __init__(
+        self,
+        num_users: int,
+        num_items: int,
+        embedding_factory: EmbeddingFactory | None = None,
+        **hparams,
+    ):
+        super().__init__()
+        if num_users < 1 or num_items < 1:
+            raise ValueError(f"num_users and num_items must be >= 1, got {num_users}, {num_items}")
+        unknown = sorted(set(hparams) - set(self.HPARAMS))
+        if unknown:
+            raise ValueError(
+                f"unknown hyper-parameters {unknown} for {type(self).__name__}; "
+                f"valid: {sorted(self.HPARAMS)}"
+            )
+        self.num_users, self.num_items = int(num_users), int(num_items)
+        self.hparams = {**self.HPARAMS, **hparams}
+        self.hp = types.SimpleNamespace(**self.hparams)
+        self._factory = embedding_factory or masked_embedding
+        self.user_tower = None
+        self.item_tower = None
+        self._attached = False
+        self._num_tables = 0
+
+    def embedding(self, rows: int, dim: int, name: str) -> tf.keras.layers.Layer:
+        """A new id table (``MaskedEmbedding`` unless another factory was given).
+
+        Initialised ``N(0, init_std²)`` from ``(seed, table index)``, so tables differ
+        from each other and runs with the same seed start identical.
+        """
+        seed = self.hp.seed * 1000 + self._num_tables
+        self._num_tables += 1
+        init = tf.keras.initializers.RandomNormal(stddev=self.hp.init_std, seed=seed)
+        return self._factory(rows, dim, name=name, embeddings_initializer=init)
+
+    # ------------------------------------------------------------------ data
+    def attach(self, train: sp.csr_matrix) -> None:
+        """Give the model the training interactions ``[num_users, num_items]``.
+
+        Required before training (sampling probabilities, graph, histories) and, when
+        ``needs_interactions``, before scoring. Not part of the checkpoint.
+        """
+        if train.shape != (self.num_users, self.num_items):
+            raise ValueError(f"interactions have shape {train.shape}, expected {(self.num_users, self.num_items)}")
+        self._attach(sp.csr_matrix(train, dtype=np.float32))
+        self._attached = True
+
+    def _attach(self, train: sp.csr_matrix) -> None:
+        pass
+
+    def _check_attached(self) -> None:
+        if not self._attached:
+            raise ValueError(f"{type(self).__name__} needs model.attach(train_csr) first")
+
+    def make_dataset(self, data, batch_size: int, seed: int) -> tf.data.Dataset:
+        """Training batches: ``{"user_id", "item_id"}`` pairs (one pass over train pairs)."""
+        return data.as_dataset(batch_size, shuffle=True, seed=seed)
+
+    def num_examples(self, train: sp.csr_matrix) -> int:
+        """Training examples per epoch (interactions; users for autoencoders)."""
+        return int(train.nnz)
+
+    # ------------------------------------------------------------------ scoring
+    def score_all(self, user_ids) -> tf.Tensor:
+        """Scores of every item for ``user_ids``: float32 ``[B, num_items]``."""
+        raise NotImplementedError
+
+    def scorer(self) -> Callable[[np.ndarray], tf.Tensor]:
+        """A ``score_fn`` for ``trainers.evaluation``, valid for the current weights."""
+        return self.score_all
+
+    def train_cost(self, batch_size: int) -> Cost:
+        raise NotImplementedError
+
+    def inference_cost(self) -> Cost:
+        """Dense MACs of ranking all items: per scored user, plus per scoring pass."""
+        raise NotImplementedError
+
+    def _all(self, count: int) -> tf.Tensor:
+        return tf.range(count, dtype=tf.int64)
+
+    def _negatives(self, shape) -> tf.Tensor:
+        """Uniformly sampled item ids (sampled negatives)."""
+        return tf.random.uniform(shape, 0, self.num_items, dtype=tf.int64)
+
+
+_COMMON = {"dim": 64, "init_std": 0.1, "seed": 0}
+
+
+# ======================================================================= retrieval
+class TwoTower(Recommender):
+    """Two-tower retrieval with in-batch softmax and log-q correction.
+
+    Yi et al., "Sampling-Bias-Corrected Neural Modeling for Large Corpus Item
+    Recommendations", RecSys 2019. User and item towers are id embeddings followed by L2
+    normalisation (``normalize``); the loss is ``tfrs.tasks.Retrieval``'s softmax over
+    the batch's items with logits ``u·i / temperature − log q(i)``, where ``q(i)`` is the
+    item's frequency among training pairs (its probability of being an in-batch
+    negative), and accidental hits (the positive item elsewhere in the batch) removed.
+
+    >>> m = TwoTower(5, 7, dim=4)
+    >>> m.attach(sp.csr_matrix(np.eye(5, 7, dtype=np.float32)))
+    >>> float(m.compute_loss({"user_id": tf.constant([0, 1]), "item_id": tf.constant([0, 1])})) > 0
+    True
+    """
+
+    HPARAMS = {**_COMMON, "temperature": 0.2, "normalize": True}
+    REFERENCE = "Yi et al. 2019, Sampling-bias-corrected neural modeling (RecSys)"
+
+    def __init__(self, num_users: int, num_items: int, embedding_factory=None, **hparams):
+        super().__init__(num_users, num_items, embedding_factory, **hparams)
+        d = self.hp.dim
+        self.user_tower = self._tower(self.embedding(num_users, d, "user_embedding"))
+        self.item_tower = self._tower(self.embedding(num_items, d, "item_embedding"))
+        self.task = tfrs.tasks.Retrieval(temperature=self.hp.temperature, remove_accidental_hits=True)
+        self._log_q = None
+
+    def _tower(self, table: tf.keras.layers.Layer) -> tf.keras.Sequential:
+        layers = [table, tf.keras.layers.UnitNormalization()] if self.hp.normalize else [table]
+        return tf.keras.Sequential(layers)
+
+    def _attach(self, train: sp.csr_matrix) -> None:
+        counts = np.bincount(train.indices, minlength=self.num_items).astype(np.float64)
+        self._log_q = tf.constant(np.maximum(counts, 1.0) / max(train.nnz, 1), tf.float32)
+
+    def compute_loss(self, inputs, training: bool = False) -> tf.Tensor:
+        self._check_attached()
+        items = inputs["item_id"]
+        return self.task(
+            self.user_tower(inputs["user_id"], training=training),
+            self.item_tower(items, training=training),
+            candidate_sampling_probability=tf.gather(self._log_q, items),
+            candidate_ids=items,
+            compute_metrics=False,
+        )
+
+    def score_all(self, user_ids) -> tf.Tensor:
+        users = self.user_tower(tf.convert_to_tensor(user_ids, tf.int64))
+        return tf.matmul(users, self.item_tower(self._all(self.num_items)), transpose_b=True)
+
+    def train_cost(self, batch_size: int) -> Cost:
+        return Cost(sparse_per_example=batch_size * self.hp.dim)  # one row of B×B logits
+
+    def inference_cost(self) -> Cost:
+        return Cost(sparse_per_example=self.num_items * self.hp.dim)
+
+
+# ======================================================================= BPR models
+class _BPRModel(Recommender):
+    """Pairwise BPR loss with one uniformly sampled negative per positive pair.
+
+    ``loss = mean softplus(s(u, j) − s(u, i)) + l2 · mean(‖e_u‖² + ‖e_i‖² + ‖e_j‖²) / 2``
+    over the batch, with ``e`` the (masked) looked-up id embeddings of ``user_table`` /
+    ``item_table`` and ``s(u, i)`` the dot product of the final vectors from ``_vectors``.
+    """
+
+    def _vectors(self, users: tf.Tensor, items: tf.Tensor, training: bool):
+        """``(final users, final items, ego users, ego items)`` vectors of the given ids."""
+        raise NotImplementedError
+
+    def compute_loss(self, inputs, training: bool = False) -> tf.Tensor:
+        users, pos = inputs["user_id"], inputs["item_id"]
+        neg = self._negatives(tf.shape(pos))
+        u, items, ego_u, ego_items = self._vectors(users, tf.concat([pos, neg], 0), training)
+        i, j = tf.split(items, 2)
+        bpr = tf.reduce_mean(tf.nn.softplus(tf.reduce_sum(u * (j - i), -1)))
+        reg = (tf.reduce_sum(tf.square(ego_u)) + tf.reduce_sum(tf.square(ego_items))) / 2.0
+        return bpr + self.hp.l2 * reg / tf.cast(tf.shape(users)[0], tf.float32)
+
+
+class MFBPR(_BPRModel):
+    """Matrix factorisation trained with BPR (Rendle et al., UAI 2009).
+
+    ``s(u, i) = e_u · e_i``. ``user_tower`` / ``item_tower`` are the two tables.
+    """
+
+    HPARAMS = {**_COMMON, "l2": 1e-4}
+    REFERENCE = "Rendle et al. 2009, BPR: Bayesian personalized ranking from implicit feedback (UAI)"
+
+    def __init__(self, num_users: int, num_items: int, embedding_factory=None, **hparams):
+        super().__init__(num_users, num_items, embedding_factory, **hparams)
+        self.user_table = self.user_tower = self.embedding(num_users, self.hp.dim, "user_embedding")
+        self.item_table = self.item_tower = self.embedding(num_items, self.hp.dim, "item_embedding")
+
+    def _vectors(self, users, items, training):
+        u, i = self.user_table(users, training=training), self.item_table(items, training=training)
+        return u, i, u, i
+
+    def score_all(self, user_ids) -> tf.Tensor:
+        users = self.user_table(tf.convert_to_tensor(user_ids, tf.int64))
+        return tf.matmul(users, self.item_table(self._all(self.num_items)), transpose_b=True)
+
+    def train_cost(self, batch_size: int) -> Cost:
+        return Cost(sparse_per_example=2 * self.hp.dim)
+
+    def inference_cost(self) -> Cost:
+        return Cost(sparse_per_example=self.num_items * self.hp.dim)
+
+
+class LightGCN(_BPRModel):
+    """LightGCN (He et al., SIGIR 2020): linear propagation on the user–item graph.
+
+    ``E⁽ᵏ⁺¹⁾ = Â E⁽ᵏ⁾`` with ``Â = D^{-1/2} A D^{-1/2}`` the normalised adjacency of the
+    bipartite graph over ``[users; items]`` (a ``tf.sparse`` matmul), final vectors the
+    mean of ``E⁽⁰⁾ … E⁽ᴸ⁾``; ``E⁽⁰⁾`` is the concatenation of the user and item
+    ``MaskedEmbedding`` tables. Every training step propagates the whole graph.
+    """
+
+    HPARAMS = {**_COMMON, "l2": 1e-4, "num_layers": 3}
+    REFERENCE = "He et al. 2020, LightGCN: simplifying and powering graph convolution network (SIGIR)"
+    needs_interactions = True
+
+    def __init__(self, num_users: int, num_items: int, embedding_factory=None, **hparams):
+        super().__init__(num_users, num_items, embedding_factory, **hparams)
+        self.user_table = self.embedding(num_users, self.hp.dim, "user_embedding")
+        self.item_table = self.embedding(num_items, self.hp.dim, "item_embedding")
+        self._adjacency = None
+        self._nnz = 0
+
+    def _attach(self, train: sp.csr_matrix) -> None:
+        n = self.num_users + self.num_items
+        graph = sp.bmat([[None, train], [train.T, None]], format="coo", dtype=np.float32)
+        degree = np.asarray(graph.sum(axis=1)).ravel()
+        inv_sqrt = np.where(degree > 0, 1.0 / np.sqrt(np.maximum(degree, 1e-12)), 0.0)
+        values = inv_sqrt[graph.row] * inv_sqrt[graph.col]
+        indices = np.stack([graph.row, graph.col], 1).astype(np.int64)
+        adjacency = tf.SparseTensor(indices, values.astype(np.float32), [n, n])
+        self._adjacency = tf.sparse.reorder(adjacency)
+        self._nnz = int(graph.nnz)
+
+    def propagate(self, training: bool = False) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        """``(final [U + I, d], ego [U + I, d])`` representations of the whole graph
+        (users first, then items)."""
+        self._check_attached()
+        ego = tf.concat([self.user_table(self._all(self.num_users), training=training),
+                         self.item_table(self._all(self.num_items), training=training)], 0)
+        layer, total = ego, ego
+        for _ in range(self.hp.num_layers):
+            layer = tf.sparse.sparse_dense_matmul(self._adjacency, layer)
+            total += layer
+        return total / float(self.hp.num_layers + 1), ego
+
+    def _vectors(self, users, items, training):
+        final, ego = self.propagate(training)
+        items = items + self.num_users
+        return tf.gather(final, users), tf.gather(final, items), tf.gather(ego, users), tf.gather(ego, items)
+
+    def scorer(self):
+        final, _ = self.propagate()  # once per evaluation
+        all_users, all_items = final[: self.num_users], final[self.num_users:]
+        return lambda user_ids: tf.matmul(tf.gather(all_users, user_ids), all_items, transpose_b=True)
+
+    def score_all(self, user_ids) -> tf.Tensor:
+        return self.scorer()(tf.convert_to_tensor(user_ids, tf.int64))
+
+    def train_cost(self, batch_size: int) -> Cost:
+        return Cost(sparse_per_example=2 * self.hp.dim, sparse_per_step=self._propagation_macs())
+
+    def inference_cost(self) -> Cost:
+        return Cost(sparse_per_example=self.num_items * self.hp.dim, sparse_per_step=self._propagation_macs())
+
+    def _propagation_macs(self) -> float:
+        self._check_attached()
+        return float(self.hp.num_layers * self._nnz * self.hp.dim)
+
+
+# ======================================================================= NeuMF
+class NeuMF(Recommender):
+    """Neural matrix factorisation (He et al., WWW 2017): GMF + MLP, pointwise BCE.
+
+    ``logit(u, i) = h · [e^G_u ⊙ e^G_i ; MLP([e^M_u ; e^M_i])]`` with four
+    ``MaskedEmbedding`` tables (GMF and MLP, users and items), trained with binary
+    cross-entropy on each positive pair and ``num_negatives`` uniform negatives.
+    ``mlp_layers`` are the hidden sizes of the MLP tower.
+    """
+
+    HPARAMS = {**_COMMON, "mlp_layers": (64, 32), "num_negatives": 4}
+    REFERENCE = "He et al. 2017, Neural collaborative filtering (WWW)"
+
+    def __init__(self, num_users: int, num_items: int, embedding_factory=None, **hparams):
+        super().__init__(num_users, num_items, embedding_factory, **hparams)
+        d, hidden = self.hp.dim, list(self.hp.mlp_layers)
+        if not hidden:
+            raise ValueError("mlp_layers must list at least one hidden size")
+        self.user_gmf = self.embedding(num_users, d, "user_gmf_embedding")
+        self.item_gmf = self.embedding(num_items, d, "item_gmf_embedding")
+        self.user_mlp = self.embedding(num_users, d, "user_mlp_embedding")
+        self.item_mlp = self.embedding(num_items, d, "item_mlp_embedding")
+        # The first MLP layer on [e_u; e_i] is split in two so that scoring all items
+        # computes e_u W_u once per user and e_i W_i once per item.
+        self.first_user = tf.keras.layers.Dense(hidden[0], use_bias=True)
+        self.first_item = tf.keras.layers.Dense(hidden[0], use_bias=False)
+        self.mlp = tf.keras.Sequential([tf.keras.layers.Dense(h, activation="relu") for h in hidden[1:]])
+        self.head = tf.keras.layers.Dense(1)
+
+    def _logits(self, users: tf.Tensor, items: tf.Tensor, training: bool = False) -> tf.Tensor:
+        """Logits for users [B] × items [B, K] → [B, K]."""
+        t = training
+        gmf = self.user_gmf(users, training=t)[:, None, :] * self.item_gmf(items, training=t)
+        first = (self.first_user(self.user_mlp(users, training=t))[:, None, :]
+                 + self.first_item(self.item_mlp(items, training=t)))
+        mlp = self.mlp(tf.nn.relu(first))
+        return tf.squeeze(self.head(tf.concat([gmf, mlp], -1)), -1)
+
+    def compute_loss(self, inputs, training: bool = False) -> tf.Tensor:
+        users, pos = inputs["user_id"], inputs["item_id"]
+        neg = self._negatives([tf.shape(pos)[0], self.hp.num_negatives])
+        logits = self._logits(users, tf.concat([pos[:, None], neg], 1), training)
+        labels = tf.concat([tf.ones_like(logits[:, :1]), tf.zeros_like(logits[:, 1:])], 1)
+        return tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(labels, logits))
+
+    def score_all(self, user_ids) -> tf.Tensor:
+        users = tf.convert_to_tensor(user_ids, tf.int64)
+        items = tf.broadcast_to(self._all(self.num_items), [tf.shape(users)[0], self.num_items])
+        return self._logits(users, items)
+
+    def _costs(self) -> tuple[float, float]:
+        """(sparse, dense) MACs of one (user, item) logit."""
+        d, hidden = self.hp.dim, list(self.hp.mlp_layers)
+        sparse = d + 2 * d * hidden[0] + d  # GMF product, first MLP layer, GMF part of head
+        dense = sum(a * b for a, b in zip(hidden, hidden[1:])) + hidden[-1]
+        return sparse, dense
+
+    def train_cost(self, batch_size: int) -> Cost:
+        sparse, dense = self._costs()
+        k = 1 + self.hp.num_negatives
+        return Cost(sparse_per_example=k * sparse, dense_per_example=k * dense)
+
+    def inference_cost(self) -> Cost:
+        sparse, dense = self._costs()
+        return Cost(sparse_per_example=self.num_items * sparse, dense_per_example=self.num_items * dense)
+
+
+# ======================================================================= autoencoders
+class _Autoencoder(Recommender):
+    """Autoencoders over a user's item history; one training example per user.
+
+    The input layer is an item ``MaskedEmbedding`` ``W_in [num_items, hidden]``: the
+    hidden pre-activation is ``Σ_j x_j W_in[j]`` over the user's (dropped-out) history,
+    gathered row by row, O(history · hidden). The output layer is another item
+    ``MaskedEmbedding`` ``W_out``: ``logits = h W_outᵀ + b``.
+    """
+
+    needs_interactions = True
+
+    def __init__(self, num_users: int, num_items: int, embedding_factory=None, **hparams):
+        super().__init__(num_users, num_items, embedding_factory, **hparams)
+        self.item_input = self.embedding(num_items, self.hidden_dim, "item_input_embedding")
+        self.item_output = self.embedding(num_items, self.hidden_dim, "item_output_embedding")
+        self.output_bias = self.add_weight(name="output_bias", shape=(num_items,), initializer="zeros")
+        self._history = None
+        self._mean_history = 0.0
+
+    @property
+    def hidden_dim(self) -> int:
+        """Width of the input and output item tables."""
+        return self.hp.hidden_dim
+
+    def _attach(self, train: sp.csr_matrix) -> None:
+        self._history = tf.RaggedTensor.from_row_splits(
+            tf.constant(train.indices, tf.int64), tf.constant(train.indptr, tf.int64))
+        self._mean_history = train.nnz / self.num_users
+
+    def make_dataset(self, data, batch_size: int, seed: int) -> tf.data.Dataset:
+        users = np.flatnonzero(np.diff(data.train.indptr) > 0).astype(np.int64)
+        ds = tf.data.Dataset.from_tensor_slices({"user_id": users})
+        return ds.shuffle(len(users), seed=seed, reshuffle_each_iteration=True).batch(batch_size)
+
+    def num_examples(self, train: sp.csr_matrix) -> int:
+        return int(np.count_nonzero(np.diff(train.indptr)))
+
+    def _encode_history(self, users: tf.Tensor, dropout: float, training: bool, normalize: bool):
+        """``Σ_j x_j W_in[j]`` over each user's history [B, hidden], plus the multi-hot x."""
+        self._check_attached()
+        history = tf.gather(self._history, users)
+        items = history.flat_values
+        rows = history.value_rowids()
+        weights = tf.ones_like(items, tf.float32)
+        if training and dropout > 0:
+            keep = tf.random.uniform(tf.shape(items)) >= dropout
+            weights = tf.cast(keep, tf.float32) / (1.0 - dropout)
+        if normalize:
+            norm = tf.math.unsorted_segment_sum(tf.square(weights), rows, tf.shape(users)[0])
+            weights = weights * tf.gather(tf.math.rsqrt(tf.maximum(norm, 1e-12)), rows)
+        rows_in = self.item_input(items, training=training)
+        pre = tf.math.unsorted_segment_sum(weights[:, None] * rows_in, rows, tf.shape(users)[0])
+        target = tf.scatter_nd(tf.stack([rows, items], 1), tf.ones_like(items, tf.float32),
+                               tf.cast([tf.shape(users)[0], self.num_items], tf.int64))
+        return pre, target
+
+    def _output_logits(self, hidden: tf.Tensor, training: bool) -> tf.Tensor:
+        table = self.item_output(self._all(self.num_items), training=training)
+        return tf.matmul(hidden, table, transpose_b=True) + self.output_bias
+
+    def _sparse_costs(self) -> float:
+        return (self._mean_history + self.num_items) * self.hidden_dim
+
+
+class MultVAE(_Autoencoder):
+    """Variational autoencoder with multinomial likelihood (Liang et al., WWW 2018).
+
+    ``x → dropout → L2-normalise → tanh(x W_in + b) → (μ, log σ²) → z → tanh(z W + b)
+    → softmax(· W_outᵀ + b)``; loss ``−Σ x log softmax + β KL`` with β annealed linearly
+    to ``beta_max`` over ``anneal_steps`` optimizer steps. Scoring uses ``z = μ``.
+    """
+
+    HPARAMS = {**_COMMON, "hidden_dim": 256, "dropout": 0.5, "beta_max": 0.2, "anneal_steps": 2000}
+    REFERENCE = "Liang et al. 2018, Variational autoencoders for collaborative filtering (WWW)"
+
+    def __init__(self, num_users: int, num_items: int, embedding_factory=None, **hparams):
+        super().__init__(num_users, num_items, embedding_factory, **hparams)
+        self.input_bias = self.add_weight(name="input_bias", shape=(self.hp.hidden_dim,), initializer="zeros")
+        self.latent = tf.keras.layers.Dense(2 * self.hp.dim)
+        self.decoder = tf.keras.layers.Dense(self.hp.hidden_dim, activation="tanh")
+        self._steps = tf.Variable(0, trainable=False, dtype=tf.int64)
+
+    def _forward(self, users: tf.Tensor, training: bool):
+        pre, target = self._encode_history(users, self.hp.dropout, training, normalize=True)
+        mu, log_var = tf.split(self.latent(tf.tanh(pre + self.input_bias)), 2, -1)
+        z = mu + tf.exp(0.5 * log_var) * tf.random.normal(tf.shape(mu)) if training else mu
+        return self._output_logits(self.decoder(z), training), target, mu, log_var
+
+    def compute_loss(self, inputs, training: bool = False) -> tf.Tensor:
+        logits, target, mu, log_var = self._forward(inputs["user_id"], training)
+        nll = -tf.reduce_mean(tf.reduce_sum(tf.nn.log_softmax(logits) * target, -1))
+        kl = tf.reduce_mean(0.5 * tf.reduce_sum(tf.exp(log_var) + tf.square(mu) - 1.0 - log_var, -1))
+        if training:
+            self._steps.assign_add(1)
+        beta = self.hp.beta_max * tf.minimum(1.0, tf.cast(self._steps, tf.float32) / self.hp.anneal_steps)
+        return nll + beta * kl
+
+    def score_all(self, user_ids) -> tf.Tensor:
+        return self._forward(tf.convert_to_tensor(user_ids, tf.int64), training=False)[0]
+
+    def _dense_costs(self) -> float:
+        return 2 * self.hp.hidden_dim * self.hp.dim + self.hp.dim * self.hp.hidden_dim
+
+    def train_cost(self, batch_size: int) -> Cost:
+        return Cost(sparse_per_example=self._sparse_costs(), dense_per_example=self._dense_costs())
+
+    def inference_cost(self) -> Cost:
+        return self.train_cost(1)
+
+
+class CDAE(_Autoencoder):
+    """Collaborative denoising autoencoder (Wu et al., WSDM 2016).
+
+    ``h = sigmoid(Σ_j x̃_j W_in[j] + V_u + b)`` with ``x̃`` the history with items
+    dropped at rate ``corruption`` (rescaled), ``V`` a user ``MaskedEmbedding``; output
+    ``sigmoid(h W_outᵀ + b')`` trained with binary cross-entropy over all items. The
+    hidden size is ``dim``.
+    """
+
+    HPARAMS = {**_COMMON, "corruption": 0.2}
+    REFERENCE = "Wu et al. 2016, Collaborative denoising auto-encoders for top-N recommender systems (WSDM)"
+
+    def __init__(self, num_users: int, num_items: int, embedding_factory=None, **hparams):
+        super().__init__(num_users, num_items, embedding_factory, **hparams)
+        self.user_table = self.embedding(num_users, self.hp.dim, "user_embedding")
+        self.input_bias = self.add_weight(name="input_bias", shape=(self.hp.dim,), initializer="zeros")
+
+    @property
+    def hidden_dim(self) -> int:
+        return self.hp.dim
+
+    def _forward(self, users: tf.Tensor, training: bool):
+        pre, target = self._encode_history(users, self.hp.corruption, training, normalize=False)
+        hidden = tf.sigmoid(pre + self.user_table(users, training=training) + self.input_bias)
+        return self._output_logits(hidden, training), target
+
+    def compute_loss(self, inputs, training: bool = False) -> tf.Tensor:
+        logits, target = self._forward(inputs["user_id"], training)
+        return tf.reduce_mean(tf.reduce_sum(tf.nn.sigmoid_cross_entropy_with_logits(target, logits), -1))
+
+    def score_all(self, user_ids) -> tf.Tensor:
+        return self._forward(tf.convert_to_tensor(user_ids, tf.int64), training=False)[0]
+
+    def train_cost(self, batch_size: int) -> Cost:
+        return Cost(sparse_per_example=self._sparse_costs() + self.hp.dim)
+
+    def inference_cost(self) -> Cost:
+        return self.train_cost(1)
+
+
+MODELS: dict[str, type[Recommender]] = {
+    "two_tower": TwoTower,
+    "mf_bpr": MFBPR,
+    "lightgcn": LightGCN,
+    "neumf": NeuMF,
+    "multvae": MultVAE,
+    "cdae": CDAE,
+}
+
+
+def build_model(
+    name: str,
+    num_users: int,
+    num_items: int,
+    embedding_factory: EmbeddingFactory | None = None,
+    **hparams,
+) -> Recommender:
+    """Build backbone ``name`` (a key of :data:`MODELS`) with ``hparams`` overrides.
+
+    >>> build_model("two_tower", 10, 20, dim=8).hparams["dim"]
+    8
+    >>> build_model("nope", 1, 1)
+    Traceback (most recent call last):
+    ...
+    ValueError: unknown model 'nope'; choose from ['cdae', 'lightgcn', 'mf_bpr', 'multvae', 'neumf', 'two_tower']
+    """
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose from {sorted(MODELS)}")
+    return MODELS[name](num_users, num_items, embedding_factory, **hparams)

@@ -1,0 +1,399 @@
+"""Train a recommendation backbone dense or sparse and write a run directory.
+
+Command line (``python trainers/train.py --help``)::
+
+    python trainers/train.py --out runs/demo          # two_tower + DSL (s=0.8) on synthetic data
+    python trainers/train.py --model lightgcn --dataset gowalla --method dsl --sparsity 0.8 \\
+        --epochs 50 --out runs/lgcn_dsl
+
+In-process: ``summary = train(TrainConfig(model="mf_bpr", epochs=5, out="runs/x"))``.
+
+Protocol: ``--protocol test`` (default, the paper's) fits on train+valid and evaluates on
+test; ``--protocol valid`` fits on train and evaluates on valid (for tuning). Metrics are
+full-ranking Recall / NDCG / HR / Precision @20 with training items excluded.
+
+Update interval: ``--update-interval`` (ΔT) defaults to ``max(1, total_steps // 20)``
+(about 20 explorations per run), the paper's ΔT = 2000–20000 being meant for runs of
+10⁵+ steps. GMP updates its masks every ΔT steps as well.
+
+Run directory ``--out`` (read back by :func:`trainers.runs.load_run`)::
+
+    config.json          everything needed to rebuild the model (model, sizes, hparams, ...)
+    weights/ckpt*        tf.train.Checkpoint(model=model)
+    masks.npz            table name -> bool mask
+    item_popularity.npy  training interactions per item (int64)
+    interactions.npz     the training interactions the model was fit on (scipy csr)
+    tensorboard/         Keras, DynamicSparsity and evaluation scalars
+    summary.json         metrics, densities, active parameters, MACs, memory, time,
+                         popularity baseline and the DynamicSparsity exploration log
+
+MAC accounting (the paper's, after Evci et al. / Chen et al.): each backbone reports the
+dense forward MACs of its embedding-dependent operations (``trainers.models.Cost``:
+dot products, the first layer fed by embeddings, graph propagation), which are
+multiplied by the density of the tables (active / total entries) at each step; other
+layers count in full. Training MACs = 3 × forward MACs (forward + backward ≈ 2 ×
+forward) summed over all training steps with the density of each step, so the dense
+phases of GMP / OMP count as dense. Inference MACs are for ranking all items for every
+evaluated user with the final model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import resource
+import shutil
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repo importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import dsl_tf  # noqa: E402  (must precede tf.keras)
+import numpy as np  # noqa: E402
+import scipy.sparse as sp  # noqa: E402
+import tensorflow as tf  # noqa: E402
+import tensorflow_model_optimization as tfmot  # noqa: E402
+
+from trainers import baselines  # noqa: E402
+from trainers.data import load_dataset  # noqa: E402
+from trainers.evaluation import RankingEvaluation, evaluate_full_ranking  # noqa: E402
+from trainers.models import MODELS, Recommender, build_model  # noqa: E402
+
+MODEL_DEFAULTS: dict[str, dict] = {
+    "two_tower": {"epochs": 20, "batch_size": 1024, "lr": 0.005},
+    "mf_bpr": {"epochs": 30, "batch_size": 2048, "lr": 0.005},
+    "lightgcn": {"epochs": 20, "batch_size": 1024, "lr": 0.01},
+    "neumf": {"epochs": 10, "batch_size": 1024, "lr": 0.002},
+    "multvae": {"epochs": 50, "batch_size": 128, "lr": 0.005},
+    "cdae": {"epochs": 50, "batch_size": 128, "lr": 0.01},
+}
+"""Per-model defaults for the fields left ``None`` in :class:`TrainConfig`."""
+
+METRIC_KEYS = ("recall@20", "ndcg@20", "hr@20", "precision@20")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Options of one run (the CLI flags; ``None`` = the model's default).
+
+    ``hparams`` override the backbone's hyper-parameters (``dim`` and ``seed`` are set
+    from ``dim``/``seed``); ``dataset_args`` go to ``trainers.data.load_dataset``.
+    """
+
+    model: str = "two_tower"
+    dataset: str = "synthetic"
+    dataset_args: dict = dataclasses.field(default_factory=dict)
+    method: str = "dsl"
+    sparsity: float = 0.8
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    dim: int = 64
+    update_interval: int | None = None
+    initial_update_ratio: float = 0.5
+    decay: str = "cosine"
+    seed: int = 0
+    eval_every: int = 0
+    protocol: str = "test"
+    out: str = "runs/demo"
+    overwrite: bool = False
+    hparams: dict = dataclasses.field(default_factory=dict)
+    omp_dense_fraction: float = 0.5
+    gmp_end_fraction: float = 0.75
+    verbose: int = 1
+
+    def resolved(self) -> TrainConfig:
+        """A validated copy with the per-model defaults filled in."""
+        if self.model not in MODELS:
+            raise ValueError(f"unknown model {self.model!r}; choose from {sorted(MODELS)}")
+        if self.method not in baselines.METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose from {list(baselines.METHODS)}")
+        if self.protocol not in ("test", "valid"):
+            raise ValueError(f"protocol must be 'test' or 'valid', got {self.protocol!r}")
+        if self.method != "dense" and not 0.0 < self.sparsity < 1.0:
+            raise ValueError(f"sparsity must be in (0, 1) (fraction of pruned entries), got {self.sparsity}")
+        filled = {k: v if v is not None else MODEL_DEFAULTS[self.model][k]
+                  for k, v in (("epochs", self.epochs), ("batch_size", self.batch_size), ("lr", self.lr))}
+        out = dataclasses.replace(self, **filled)
+        for name in ("epochs", "batch_size", "dim"):
+            if getattr(out, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(out, name)}")
+        if out.lr <= 0:
+            raise ValueError(f"lr must be positive, got {out.lr}")
+        if out.update_interval is not None and out.update_interval < 1:
+            raise ValueError(f"update_interval must be >= 1, got {out.update_interval}")
+        if out.eval_every < 0:
+            raise ValueError(f"eval_every must be >= 0 (0: only at the end), got {out.eval_every}")
+        if out.method == "omp" and out.epochs < 2:
+            raise ValueError("method 'omp' needs epochs >= 2 (dense training, then fine-tuning)")
+        if not 0.0 < out.omp_dense_fraction < 1.0:
+            raise ValueError(f"omp_dense_fraction must be in (0, 1), got {out.omp_dense_fraction}")
+        return out
+
+
+class MacCounter(tf.keras.callbacks.Callback):
+    """Accumulates training MACs: 3 × forward cost × density, step by step.
+
+    ``cost`` is the model's :class:`trainers.models.Cost` per step and example; the
+    density of the tables is read at the start of every step (so dense phases count as
+    dense), averaged per epoch and multiplied by the epoch's examples and steps.
+    """
+
+    def __init__(self, cost, examples_per_epoch: int, steps_per_epoch: int):
+        super().__init__()
+        self.cost, self.examples, self.steps = cost, examples_per_epoch, steps_per_epoch
+        self.training_macs = 0.0
+        self._densities: list[float] = []
+        self._masks: list[tf.Variable] = []
+
+    def on_train_begin(self, logs=None):
+        self._masks = baselines.mask_variables(self.model)
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._densities.append(baselines.density(self._masks))
+
+    def on_epoch_end(self, epoch, logs=None):
+        density = float(np.mean(self._densities)) if self._densities else 1.0
+        self.training_macs += 3.0 * self.cost.macs(self.examples, self.steps, density)
+        self._densities = []
+
+
+def _prepare_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"run directory {out} exists and is not empty; pass --overwrite to replace it")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _popularity_metrics(popularity: np.ndarray, train_csr, test_csr) -> dict:
+    scores = popularity.astype(np.float32)[None, :]
+    return evaluate_full_ranking(lambda users: np.repeat(scores, len(users), 0), train_csr, test_csr)
+
+
+def _build(cfg: TrainConfig, data, factory=None) -> Recommender:
+    hparams = {**cfg.hparams, "dim": cfg.dim, "seed": cfg.seed}
+    model = build_model(cfg.model, data.num_users, data.num_items, factory, **hparams)
+    model.attach(data.train)
+    model.score_all(np.zeros([1], np.int64))  # create every variable
+    return model
+
+
+def train(config: TrainConfig | dict) -> dict:
+    """Train one run and write its run directory; returns the summary dict.
+
+    >>> summary = train(TrainConfig(epochs=2, out="/tmp/doc_run", overwrite=True, verbose=0,
+    ...                             dataset_args={"num_users": 200, "num_items": 300}))  # doctest: +SKIP
+    >>> summary["metrics"]["recall@20"] > summary["popularity"]["recall@20"]  # doctest: +SKIP
+    True
+    """
+    return run_training(config)[1]
+
+
+def run_training(config: TrainConfig | dict) -> tuple[Recommender, dict]:
+    """:func:`train`, also returning the trained (``MaskedEmbedding``) model."""
+    if isinstance(config, dict):
+        config = TrainConfig(**config)
+    cfg = config.resolved()
+    start = time.time()
+    out = Path(cfg.out)
+    _prepare_out(out, cfg.overwrite)
+    tf.keras.utils.set_random_seed(cfg.seed)
+
+    data = load_dataset(cfg.dataset, **cfg.dataset_args)
+    if cfg.protocol == "test":
+        fit_data, eval_csr = data.merged_train_valid(), data.test
+    else:
+        fit_data, eval_csr = data, data.valid
+    if eval_csr.nnz == 0:
+        raise ValueError(f"dataset {cfg.dataset!r} has no {cfg.protocol} interactions to evaluate on")
+
+    masked = _build(cfg, fit_data)
+    dataset = masked.make_dataset(fit_data, cfg.batch_size, cfg.seed)
+    steps_per_epoch = int(dataset.cardinality())
+    total_steps = cfg.epochs * steps_per_epoch
+    update_interval = cfg.update_interval or max(1, total_steps // 20)
+
+    if cfg.method == "gmp":
+        schedule = baselines.gmp_schedule(cfg.sparsity, total_steps, update_interval, cfg.gmp_end_fraction)
+        model = _build(cfg, fit_data, baselines.gmp_embedding_factory(schedule))
+    else:
+        model = masked
+    model.compile(optimizer=tf.keras.optimizers.Adam(cfg.lr))
+
+    tb_dir = out / "tensorboard"
+    examples = model.num_examples(fit_data.train)
+    macs = MacCounter(model.train_cost(cfg.batch_size), examples, steps_per_epoch)
+    callbacks: list = [macs, tf.keras.callbacks.TensorBoard(str(tb_dir), write_graph=False, profile_batch=0)]
+    if cfg.eval_every:
+        callbacks.append(RankingEvaluation(model.scorer, fit_data.train, eval_csr, every_n_epochs=cfg.eval_every,
+                                           prefix=f"{cfg.protocol}_", log_dir=str(tb_dir / "eval")))
+    sparsity_cb = None
+    fit = dict(x=dataset, verbose=cfg.verbose)
+    fit_start = time.time()
+    if cfg.method in ("dsl", "rp", "set"):
+        sparsity_cb = baselines.dynamic_sparsity(cfg.method, cfg.sparsity, update_interval, cfg.initial_update_ratio,
+                                                 cfg.decay, cfg.seed, str(tb_dir / "dsl"))
+        history = [model.fit(epochs=cfg.epochs, callbacks=callbacks + [sparsity_cb], **fit)]
+    elif cfg.method == "gmp":
+        history = [model.fit(epochs=cfg.epochs, callbacks=callbacks + [tfmot.sparsity.keras.UpdatePruningStep()],
+                             **fit)]
+        baselines.gmp_to_masked(model, masked)
+        model = masked
+    elif cfg.method == "omp":
+        dense_epochs = min(cfg.epochs - 1, max(1, round(cfg.omp_dense_fraction * cfg.epochs)))
+        history = [model.fit(epochs=dense_epochs, callbacks=callbacks, **fit)]
+        baselines.omp_prune(model, cfg.sparsity, cfg.seed, model.optimizer)
+        sparsity_cb = baselines.dynamic_sparsity("rp", cfg.sparsity, total_steps + 1, cfg.initial_update_ratio,
+                                                 cfg.decay, cfg.seed)  # keeps the OMP mask fixed
+        history.append(model.fit(epochs=cfg.epochs, initial_epoch=dense_epochs,
+                                 callbacks=callbacks + [sparsity_cb], **fit))
+    else:
+        history = [model.fit(epochs=cfg.epochs, callbacks=callbacks, **fit)]
+    train_seconds = time.time() - fit_start
+
+    metrics = evaluate_full_ranking(model.scorer(), fit_data.train, eval_csr)
+    popularity = fit_data.item_popularity()
+    density = baselines.model_density(model)
+    layers = dsl_tf.masked_embeddings(model)
+    inference = model.inference_cost().macs(metrics["num_users_evaluated"], 1, density)
+    summary = {
+        "model": cfg.model,
+        "method": cfg.method,
+        "dataset": cfg.dataset,
+        "protocol": cfg.protocol,
+        "sparsity": cfg.sparsity if cfg.method != "dense" else 0.0,
+        "metrics": {k: metrics[k] for k in METRIC_KEYS},
+        "num_users_evaluated": metrics["num_users_evaluated"],
+        "popularity": {k: v for k, v in _popularity_metrics(popularity, fit_data.train, eval_csr).items()
+                       if k in METRIC_KEYS},
+        "table_density": baselines.table_densities(model),
+        "density": density,
+        "active_parameters": int(sum(int(tf.reduce_sum(l.mask)) for l in layers)),
+        "embedding_parameters": int(sum(l.mask.shape.num_elements() for l in layers)),
+        "training_macs": macs.training_macs,
+        "inference_macs": inference,
+        "inference_macs_per_user": model.inference_cost().macs(1, 0, density),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+        "train_seconds": train_seconds,
+        "steps": cfg.epochs * steps_per_epoch,
+        "update_interval": update_interval,
+        "history": {k: [float(v) for h in history for v in h.history.get(k, [])]
+                    for k in sorted({k for h in history for k in h.history})},
+        "explorations": sparsity_cb.explorations if sparsity_cb is not None else [],
+    }
+    _write_run(out, cfg, model, fit_data, popularity, update_interval, summary)
+    summary["wall_seconds"] = time.time() - start
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+    if cfg.verbose:
+        line = ", ".join(f"{k}={v:.4f}" for k, v in summary["metrics"].items())
+        pop = summary["popularity"]["recall@20"]
+        print(f"[train] {cfg.model}/{cfg.method} s={summary['sparsity']}: {line} (popularity recall@20={pop:.4f}); "
+              f"density={density:.4f}; {summary['wall_seconds']:.1f}s -> {out}")
+    return model, summary
+
+
+def _write_run(out: Path, cfg: TrainConfig, model: Recommender, fit_data, popularity, update_interval: int,
+               summary: dict) -> None:
+    config = {
+        "model": cfg.model,
+        "num_users": model.num_users,
+        "num_items": model.num_items,
+        "hparams": json.loads(json.dumps(dict(model.hparams), default=list)),
+        "method": cfg.method,
+        "sparsity": summary["sparsity"],
+        "dataset": cfg.dataset,
+        "dataset_args": cfg.dataset_args,
+        "protocol": cfg.protocol,
+        "seed": cfg.seed,
+        "epochs": cfg.epochs,
+        "batch_size": cfg.batch_size,
+        "lr": cfg.lr,
+        "update_interval": update_interval,
+        "initial_update_ratio": cfg.initial_update_ratio,
+        "decay": cfg.decay,
+        "tables": {l.name: list(l.mask.shape) for l in dsl_tf.masked_embeddings(model)},
+    }
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    tf.train.Checkpoint(model=model).write(str(out / "weights" / "ckpt"))
+    np.savez(out / "masks.npz", **{l.name: l.mask.numpy().astype(bool) for l in dsl_tf.masked_embeddings(model)})
+    np.save(out / "item_popularity.npy", popularity.astype(np.int64))
+    sp.save_npz(out / "interactions.npz", sp.csr_matrix(fit_data.train))
+
+
+# ------------------------------------------------------------------------------- CLI
+def _key_values(items: list[str], flag: str) -> dict:
+    parsed = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise argparse.ArgumentTypeError(f"{flag} expects KEY=VALUE, got {item!r}")
+        try:
+            parsed[key] = json.loads(value)
+        except json.JSONDecodeError:
+            parsed[key] = value
+    return parsed
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="trainers/train.py",
+        description="Train a recommendation backbone dense or sparse (DSL and baselines) and write a run "
+                    "directory (config.json, weights/, masks.npz, summary.json, tensorboard/).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--model", default="two_tower", choices=sorted(MODELS), help="backbone")
+    p.add_argument("--dataset", default="synthetic", help="'synthetic', 'gowalla', or a dataset path")
+    p.add_argument("--dataset-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra loader argument, e.g. num_users=500 for synthetic (repeatable)")
+    p.add_argument("--method", default="dsl", choices=baselines.METHODS, help="sparsification method")
+    p.add_argument("--sparsity", type=float, default=0.8, help="target fraction of pruned embedding entries")
+    p.add_argument("--epochs", type=int, default=None, help="training epochs (default: per model)")
+    p.add_argument("--batch-size", type=int, default=None, help="batch size (default: per model)")
+    p.add_argument("--lr", type=float, default=None, help="Adam learning rate (default: per model)")
+    p.add_argument("--dim", type=int, default=64, help="embedding dimension")
+    p.add_argument("--update-interval", type=int, default=None,
+                   help="ΔT, steps between explorations (default: max(1, total_steps // 20))")
+    p.add_argument("--initial-update-ratio", type=float, default=0.5, help="ρ0, initial fraction swapped")
+    p.add_argument("--decay", default="cosine", choices=["cosine", "linear", "constant"], help="ρ_t decay")
+    p.add_argument("--seed", type=int, default=0, help="random seed (data order, init, masks)")
+    p.add_argument("--eval-every", type=int, default=0, help="evaluate every N epochs (0: only at the end)")
+    p.add_argument("--protocol", default="test", choices=["test", "valid"],
+                   help="test: fit train+valid, evaluate test; valid: fit train, evaluate valid")
+    p.add_argument("--hparam", action="append", default=[], metavar="KEY=VALUE",
+                   help="backbone hyper-parameter, e.g. temperature=0.05 (repeatable)")
+    p.add_argument("--omp-dense-fraction", type=float, default=0.5, help="OMP: fraction of epochs trained dense")
+    p.add_argument("--gmp-end-fraction", type=float, default=0.75,
+                   help="GMP: fraction of training after which sparsity is final")
+    p.add_argument("--out", default="runs/demo", help="run directory")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p.add_argument("--verbose", type=int, default=1, choices=[0, 1, 2], help="Keras fit verbosity")
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parser().parse_args(argv)
+    try:
+        config = TrainConfig(
+            model=args.model, dataset=args.dataset, dataset_args=_key_values(args.dataset_arg, "--dataset-arg"),
+            method=args.method, sparsity=args.sparsity, epochs=args.epochs, batch_size=args.batch_size,
+            lr=args.lr, dim=args.dim, update_interval=args.update_interval,
+            initial_update_ratio=args.initial_update_ratio, decay=args.decay, seed=args.seed,
+            eval_every=args.eval_every, protocol=args.protocol, out=args.out, overwrite=args.overwrite,
+            hparams=_key_values(args.hparam, "--hparam"), omp_dense_fraction=args.omp_dense_fraction,
+            gmp_end_fraction=args.gmp_end_fraction, verbose=args.verbose,
+        ).resolved()
+    except (ValueError, argparse.ArgumentTypeError) as err:
+        parser().error(str(err))
+    try:
+        return train(config)
+    except (ValueError, FileExistsError, FileNotFoundError) as err:
+        print(f"trainers/train.py: error: {err}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+if __name__ == "__main__":
+    main()
