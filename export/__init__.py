@@ -5,36 +5,7 @@
 >>> print(export_run("runs/demo", "serving", "demo").report())  # doctest: +SKIP
 """
 
-from export.servable import (  # noqa: F401
-    ExportError,
-    ExportResult,
-    ServingModule,
-    SessionServable,
-    build_servable,
-    check_ops,
-    export_model,
-    export_run,
-    folder_bytes,
-    graph_ops,
-    read_models_config,
-    read_warmup,
-    split_tower,
-    write_models_config,
-)
+from export import servable
+from export.servable import *  # noqa: F401,F403  (the public API is servable.__all__)
 
-__all__ = [
-    "ExportError",
-    "ExportResult",
-    "ServingModule",
-    "SessionServable",
-    "build_servable",
-    "check_ops",
-    "export_model",
-    "export_run",
-    "folder_bytes",
-    "graph_ops",
-    "read_models_config",
-    "read_warmup",
-    "split_tower",
-    "write_models_config",
-]
+__all__ = list(servable.__all__)

@@ -1,0 +1,170 @@
+"""The paper's figures as PNGs, from benchmark results plus a reduced-scale sweep.
+
+* ``fig2_performance_sparsity.png``: Recall@20 vs sparsity per method (dense as a line),
+  one panel per model, from ``benchmarks/gowalla.py`` results (paper Fig. 2).
+* ``fig3_sweeps.png``: DSL Recall@20 vs the update interval ΔT and vs ρ0, at reduced
+  scale: ``two_tower`` on the built-in synthetic data, s=0.8, validation protocol; the
+  runs are trained here (under ``--sweep-out``, reused when already finished) (Fig. 3).
+* ``fig4_sparsity_popularity.png``: mean density of embedding rows per popularity group
+  (10 groups, least popular first) for users and items, DSL vs RP runs (Fig. 4).
+* ``fig5_loss_curves.png``: training loss per epoch of dense, RP and DSL (Fig. 5).
+
+Usage::
+
+    python benchmarks/figures.py --results docs/results/gowalla_two_tower.json \\
+        docs/results/gowalla_mf_bpr.json --out docs/figures
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import scipy.sparse as sp  # noqa: E402
+
+from benchmarks.gowalla import _summary  # noqa: E402
+from trainers.evaluation import group_density, popularity_groups  # noqa: E402
+from trainers.train import TrainConfig  # noqa: E402
+
+SWEEP_INTERVALS = (8, 16, 32, 64, 128, 256, 640)
+SWEEP_RATIOS = (0.1, 0.3, 0.5, 0.7, 0.9)
+SWEEP_BASE = {"interval": 64, "ratio": 0.5}
+COLORS = {"dense": "black", "dsl": "tab:red", "gmp": "tab:blue", "rp": "tab:gray", "set": "tab:green",
+          "omp": "tab:purple"}
+
+
+def _rows(paths: list[str]) -> list[dict]:
+    return [row for path in paths for row in json.loads(Path(path).read_text())["rows"]]
+
+
+def _models(rows: list[dict]) -> list[str]:
+    return list(dict.fromkeys(r["model"] for r in rows))
+
+
+def fig2(rows: list[dict], out: Path) -> Path:
+    models = _models(rows)
+    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        mine = [r for r in rows if r["model"] == model]
+        dense = next(r for r in mine if r["method"] == "dense")
+        ax.axhline(dense["recall@20"], color=COLORS["dense"], ls="--", label="dense")
+        for method in dict.fromkeys(r["method"] for r in mine if r["method"] != "dense"):
+            points = sorted((r["sparsity"], r["recall@20"]) for r in mine if r["method"] == method)
+            ax.plot(*zip(*points), marker="o", color=COLORS.get(method), label=method)
+        ax.set(title=f"{model} (Gowalla)", xlabel="sparsity s", ylabel="Recall@20 (test)")
+        ax.legend()
+    return _save(fig, out / "fig2_performance_sparsity.png")
+
+
+def _sweep(out: Path, interval: int, ratio: float, verbose: int, method: str = "dsl") -> float:
+    name = f"dt{interval}_rho{ratio:g}" if method == "dsl" else method
+    cfg = TrainConfig(model="two_tower", dataset="synthetic", method=method, sparsity=0.8, update_interval=interval,
+                      initial_update_ratio=ratio, protocol="valid", verbose=verbose, out=str(out / name))
+    summary = _summary(cfg, match=("update_interval", "initial_update_ratio"))
+    return summary["metrics"]["recall@20"]
+
+
+def fig3(sweep_out: Path, out: Path, verbose: int) -> Path:
+    by_interval = [_sweep(sweep_out, dt, SWEEP_BASE["ratio"], verbose) for dt in SWEEP_INTERVALS]
+    by_ratio = [_sweep(sweep_out, SWEEP_BASE["interval"], rho, verbose) for rho in SWEEP_RATIOS]
+    dense = _sweep(sweep_out, SWEEP_BASE["interval"], SWEEP_BASE["ratio"], verbose, method="dense")
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for ax in (left, right):
+        ax.axhline(dense, color=COLORS["dense"], ls="--", label="dense")
+    left.plot(SWEEP_INTERVALS, by_interval, marker="o", color=COLORS["dsl"], label="dsl")
+    left.set(xscale="log", xlabel=f"update interval ΔT (steps; ρ0={SWEEP_BASE['ratio']})",
+             ylabel="Recall@20 (valid)", title="two_tower, synthetic, s=0.8")
+    right.plot(SWEEP_RATIOS, by_ratio, marker="o", color=COLORS["dsl"], label="dsl")
+    right.set(xlabel=f"initial update ratio ρ0 (ΔT={SWEEP_BASE['interval']})", ylabel="Recall@20 (valid)",
+              title="two_tower, synthetic, s=0.8")
+    left.legend()
+    right.legend()
+    (out / "fig3_sweeps.json").write_text(json.dumps(
+        {"dense": dense, "intervals": dict(zip(map(str, SWEEP_INTERVALS), by_interval)),
+         "ratios": dict(zip(map(str, SWEEP_RATIOS), by_ratio))}, indent=2))
+    return _save(fig, out / "fig3_sweeps.png")
+
+
+def _densities(run: Path, num_groups: int) -> dict[str, np.ndarray]:
+    masks = np.load(run / "masks.npz")
+    train = sp.load_npz(run / "interactions.npz").tocsr()
+    counts = {"user": np.diff(train.indptr), "item": np.load(run / "item_popularity.npy")}
+    out = {}
+    for kind, count in counts.items():
+        name = f"{kind}_embedding"
+        if name in masks:
+            out[kind] = group_density(masks[name], popularity_groups(count, num_groups), num_groups)
+    return out
+
+
+def fig4(rows: list[dict], out: Path, sparsity: float = 0.8, num_groups: int = 10) -> Path:
+    models = _models(rows)
+    fig, axes = plt.subplots(len(models), 2, figsize=(10, 3.5 * len(models)), squeeze=False)
+    groups = np.arange(1, num_groups + 1)
+    for row_axes, model in zip(axes, models):
+        for method, offset in (("rp", -0.2), ("dsl", 0.2)):
+            found = [r for r in rows if r["model"] == model and r["method"] == method and r["sparsity"] == sparsity]
+            if not found:
+                continue
+            for ax, (kind, density) in zip(row_axes, _densities(Path(found[0]["run"]), num_groups).items()):
+                ax.bar(groups + offset, density, width=0.4, color=COLORS[method], label=method)
+                ax.set(title=f"{model}: {kind} embeddings, s={sparsity:g}", ylabel="density of rows",
+                       xlabel=f"{kind} popularity group (1 = least popular)", xticks=groups)
+                ax.legend()
+    return _save(fig, out / "fig4_sparsity_popularity.png")
+
+
+def fig5(rows: list[dict], out: Path, sparsity: float = 0.8) -> Path:
+    models = _models(rows)
+    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        for method in ("dense", "rp", "dsl"):
+            found = [r for r in rows if r["model"] == model and r["method"] == method
+                     and (method == "dense" or r["sparsity"] == sparsity)]
+            if found:
+                loss = json.loads((Path(found[0]["run"]) / "summary.json").read_text())["history"]["loss"]
+                ax.plot(np.arange(1, len(loss) + 1), loss, marker="o", color=COLORS[method], label=method)
+        ax.set(title=f"{model} (Gowalla), s={sparsity:g}", xlabel="epoch", ylabel="training loss")
+        ax.legend()
+    return _save(fig, out / "fig5_loss_curves.png")
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"[figures] wrote {path}", flush=True)
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--results", nargs="+", required=True, help="JSON files written by benchmarks/gowalla.py")
+    p.add_argument("--out", default="docs/figures")
+    p.add_argument("--sweep-out", default="runs/sweeps", help="run directories of the Fig. 3 sweep")
+    p.add_argument("--skip-sweep", action="store_true", help="do not train or draw the Fig. 3 sweep")
+    p.add_argument("--verbose", type=int, default=0, choices=[0, 1, 2])
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = _rows(args.results)
+    fig2(rows, out)
+    fig4(rows, out)
+    fig5(rows, out)
+    if not args.skip_sweep:
+        fig3(Path(args.sweep_out), out, args.verbose)
+
+
+if __name__ == "__main__":
+    main()

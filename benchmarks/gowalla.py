@@ -1,0 +1,135 @@
+"""Dense vs DSL vs RP vs SET vs GMP (vs OMP) on real data, side by side in one run.
+
+Every run is ``trainers.train.run_training`` with the paper's protocol (fit on
+train+valid, full-ranking Recall/NDCG@20 on test) and writes its run directory under
+``--out`` (``<model>_dense`` and ``<model>_<method>_s<sparsity>``). A run whose
+``summary.json`` exists with the same configuration is reused, so an interrupted
+benchmark resumes where it stopped. After every run the results table is rewritten to
+``--json`` (rows: model, method, sparsity, metrics, retention = recall / dense recall,
+training / inference MACs relative to dense, seconds).
+
+Usage::
+
+    python benchmarks/gowalla.py --models two_tower mf_bpr --epochs two_tower=4 mf_bpr=10 \\
+        --lr mf_bpr=0.01 \\
+        --sparsities 0.8 0.5 0.9 --out runs/bench --json docs/results/gowalla.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import dsl_tf  # noqa: E402,F401  (before tf.keras)
+
+from trainers.baselines import METHODS  # noqa: E402
+from trainers.train import TrainConfig, run_training  # noqa: E402
+
+
+def _run_dir(out: Path, model: str, method: str, sparsity: float) -> Path:
+    return out / (f"{model}_dense" if method == "dense" else f"{model}_{method}_s{sparsity:g}")
+
+
+def _summary(cfg: TrainConfig, match: tuple[str, ...] = ()) -> dict:
+    """Train ``cfg`` unless its run directory already holds a finished, identical run
+    (same model, method, dataset, epochs, lr, seed, sparsity and ``match`` fields)."""
+    cfg = cfg.resolved()
+    run = Path(cfg.out)
+    done = run / "summary.json"
+    if done.exists():
+        config = json.loads((run / "config.json").read_text())
+        same = all(config.get(k) == getattr(cfg, k) for k in ("model", "method", "dataset", "epochs", "lr", "seed", *match))
+        if same and (cfg.method == "dense" or config.get("sparsity") == cfg.sparsity):
+            print(f"[bench] reusing {run}", flush=True)
+            return json.loads(done.read_text())
+    cfg.overwrite = True
+    return run_training(cfg)[1]
+
+
+def _row(summary: dict, dense: dict, run: Path) -> dict:
+    recall = summary["metrics"]["recall@20"]
+    return {
+        "model": summary["model"],
+        "method": summary["method"],
+        "sparsity": summary["sparsity"],
+        **summary["metrics"],
+        "retention": recall / dense["metrics"]["recall@20"],
+        "density": summary["density"],
+        "training_macs_vs_dense": summary["training_macs"] / dense["training_macs"],
+        "inference_macs_vs_dense": summary["inference_macs"] / dense["inference_macs"],
+        "train_seconds": summary["train_seconds"],
+        "steps": summary["steps"],
+        "run": str(run),
+    }
+
+
+def markdown(rows: list[dict]) -> str:
+    """The results as a Markdown table."""
+    lines = ["| model | method | s | Recall@20 | NDCG@20 | Recall vs dense | train MACs vs dense | train s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['method']} | {r['sparsity']:g} | {r['recall@20']:.4f} | "
+                     f"{r['ndcg@20']:.4f} | {r['retention']:.3f} | {r['training_macs_vs_dense']:.3f} | "
+                     f"{r['train_seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def _per_model(items: list[str], cast=int) -> dict:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        out[key if sep else "*"] = cast(value if sep else key)
+    return out
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--models", nargs="+", default=["two_tower"])
+    p.add_argument("--methods", nargs="+", default=["dsl", "gmp", "rp", "set"], choices=METHODS[1:],
+                   help="sparse methods (dense always runs once per model)")
+    p.add_argument("--sparsities", nargs="+", type=float, default=[0.8, 0.5, 0.9])
+    p.add_argument("--epochs", nargs="*", default=[], metavar="[MODEL=]N",
+                   help="epochs for all models (N) or per model (MODEL=N); default: the model's")
+    p.add_argument("--lr", nargs="*", default=[], metavar="[MODEL=]LR",
+                   help="Adam learning rate for all models or per model; default: the model's")
+    p.add_argument("--dataset", default="gowalla")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/bench", help="parent of the run directories")
+    p.add_argument("--json", default="docs/results/gowalla.json", help="results table (rewritten after each run)")
+    p.add_argument("--verbose", type=int, default=2, choices=[0, 1, 2])
+    args = p.parse_args(argv)
+    epochs, lrs = _per_model(args.epochs), _per_model(args.lr, float)
+    out, table = Path(args.out), Path(args.json)
+    table.parent.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    start = time.time()
+    for model in args.models:
+        def config(method: str, sparsity: float) -> TrainConfig:
+            return TrainConfig(model=model, dataset=args.dataset, method=method, sparsity=sparsity,
+                               epochs=epochs.get(model, epochs.get("*")),
+                               lr=lrs.get(model, lrs.get("*")), seed=args.seed, verbose=args.verbose,
+                               out=str(_run_dir(out, model, method, sparsity)))
+
+        dense_cfg = config("dense", 0.8)
+        dense = _summary(dense_cfg)
+        rows.append(_row(dense, dense, Path(dense_cfg.out)))
+        for sparsity in args.sparsities:
+            for method in args.methods:
+                cfg = config(method, sparsity)
+                rows.append(_row(_summary(cfg), dense, Path(cfg.out)))
+                table.write_text(json.dumps({"command": " ".join(sys.argv), "rows": rows}, indent=2))
+                print(f"[bench] {len(rows)} runs, {time.time() - start:.0f}s\n{markdown(rows)}", flush=True)
+    table.write_text(json.dumps({"command": " ".join(sys.argv), "rows": rows}, indent=2))
+    print(markdown(rows))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
