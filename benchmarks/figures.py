@@ -32,7 +32,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import scipy.sparse as sp  # noqa: E402
 
-from benchmarks.gowalla import _summary  # noqa: E402
+from benchmarks.gowalla import train_or_reuse  # noqa: E402
 from trainers.evaluation import group_density, popularity_groups  # noqa: E402
 from trainers.train import TrainConfig  # noqa: E402
 
@@ -70,7 +70,7 @@ def _sweep(out: Path, interval: int, ratio: float, verbose: int, method: str = "
     name = f"dt{interval}_rho{ratio:g}" if method == "dsl" else method
     cfg = TrainConfig(model="two_tower", dataset="synthetic", method=method, sparsity=0.8, update_interval=interval,
                       initial_update_ratio=ratio, protocol="valid", verbose=verbose, out=str(out / name))
-    summary = _summary(cfg, match=("update_interval", "initial_update_ratio"))
+    summary = train_or_reuse(cfg, match=("update_interval", "initial_update_ratio"))
     return summary["metrics"]["recall@20"]
 
 

@@ -36,7 +36,7 @@ def _run_dir(out: Path, model: str, method: str, sparsity: float) -> Path:
     return out / (f"{model}_dense" if method == "dense" else f"{model}_{method}_s{sparsity:g}")
 
 
-def _summary(cfg: TrainConfig, match: tuple[str, ...] = ()) -> dict:
+def train_or_reuse(cfg: TrainConfig, match: tuple[str, ...] = ()) -> dict:
     """Train ``cfg`` unless its run directory already holds a finished, identical run
     (same model, method, dataset, epochs, lr, seed, sparsity and ``match`` fields)."""
     cfg = cfg.resolved()
@@ -118,12 +118,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                out=str(_run_dir(out, model, method, sparsity)))
 
         dense_cfg = config("dense", 0.8)
-        dense = _summary(dense_cfg)
+        dense = train_or_reuse(dense_cfg)
         rows.append(_row(dense, dense, Path(dense_cfg.out)))
         for sparsity in args.sparsities:
             for method in args.methods:
                 cfg = config(method, sparsity)
-                rows.append(_row(_summary(cfg), dense, Path(cfg.out)))
+                rows.append(_row(train_or_reuse(cfg), dense, Path(cfg.out)))
                 table.write_text(json.dumps({"command": " ".join(sys.argv), "rows": rows}, indent=2))
                 print(f"[bench] {len(rows)} runs, {time.time() - start:.0f}s\n{markdown(rows)}", flush=True)
     table.write_text(json.dumps({"command": " ".join(sys.argv), "rows": rows}, indent=2))

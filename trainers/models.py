@@ -33,6 +33,8 @@ import tensorflow as tf
 import tensorflow_recommenders as tfrs
 from tensorflow.python.ops.linalg.sparse import sparse_csr_matrix_ops as sparse_csr  # CSR matmul: not in tf.*
 
+from trainers.evaluation import embedding_score_fn
+
 EmbeddingFactory = Callable[..., tf.keras.layers.Layer]
 """``factory(input_dim, output_dim, name=..., embeddings_initializer=...) -> layer``."""
 
@@ -156,8 +158,15 @@ class Recommender(tfrs.models.Model):
         raise NotImplementedError
 
     def scorer(self) -> Callable[[np.ndarray], tf.Tensor]:
-        """A ``score_fn`` for ``trainers.evaluation``, valid for the current weights."""
-        return self.score_all
+        """A ``score_fn`` for ``trainers.evaluation``, valid for the current weights.
+
+        Dot-product models compute every user and item vector once here, not once per
+        chunk of evaluated users.
+        """
+        if self.user_tower is None:
+            return self.score_all
+        return embedding_score_fn(self.user_tower(self._all(self.num_users)),
+                                  self.item_tower(self._all(self.num_items)))
 
     def train_cost(self, batch_size: int) -> Cost:
         raise NotImplementedError

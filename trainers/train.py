@@ -138,22 +138,33 @@ class MacCounter(tf.keras.callbacks.Callback):
     """Accumulates training MACs: 3 × forward cost × density, step by step.
 
     ``cost`` is the model's :class:`trainers.models.Cost` per step and example; the
-    density of the tables is read at the start of every step (so dense phases count as
-    dense), averaged per epoch and multiplied by the epoch's examples and steps.
+    density of the tables is taken at the start of every step (so dense phases count as
+    dense), averaged per epoch and multiplied by the epoch's examples and steps. Masks
+    change only at the start of a ``fit`` and around mask-update steps (DSL explores after
+    step ``k·every − 1``, TFMOT prunes during step ``k·every``), so the whole-table density
+    is re-read only then: ordinary steps never touch the tables.
     """
 
-    def __init__(self, cost, examples_per_epoch: int, steps_per_epoch: int):
+    def __init__(self, cost, examples_per_epoch: int, steps_per_epoch: int, mask_update_every: int):
         super().__init__()
         self.cost, self.examples, self.steps = cost, examples_per_epoch, steps_per_epoch
+        self.every = mask_update_every
         self.training_macs = 0.0
         self._densities: list[float] = []
         self._masks: list[tf.Variable] = []
+        self._density = 1.0
+        self._step = 0
 
     def on_train_begin(self, logs=None):
         self._masks = baselines.mask_variables(self.model)
+        self._step = int(self.model.optimizer.iterations)
+        self._density = baselines.density(self._masks)
 
     def on_train_batch_begin(self, batch, logs=None):
-        self._densities.append(baselines.density(self._masks))
+        if self._step % self.every in (0, 1):
+            self._density = baselines.density(self._masks)
+        self._densities.append(self._density)
+        self._step += 1
 
     def on_epoch_end(self, epoch, logs=None):
         density = float(np.mean(self._densities)) if self._densities else 1.0
@@ -226,7 +237,8 @@ def run_training(config: TrainConfig | dict) -> tuple[Recommender, dict]:
 
     tb_dir = out / "tensorboard"
     examples = model.num_examples(fit_data.train)
-    macs = MacCounter(model.train_cost(cfg.batch_size), examples, steps_per_epoch)
+    mask_every = schedule.frequency if cfg.method == "gmp" else update_interval
+    macs = MacCounter(model.train_cost(cfg.batch_size), examples, steps_per_epoch, mask_every)
     callbacks: list = [macs, tf.keras.callbacks.TensorBoard(str(tb_dir), write_graph=False, profile_batch=0)]
     if cfg.eval_every:
         callbacks.append(RankingEvaluation(model.scorer, fit_data.train, eval_csr, every_n_epochs=cfg.eval_every,
