@@ -16,7 +16,7 @@ from dsl_tf._keras import ensure_legacy_keras as _ensure_legacy_keras
 
 _ensure_legacy_keras()
 
-from dsl_tf.layers import MaskedEmbedding, masked_embeddings  # noqa: E402
+from dsl_tf.layers import CompactMaskedEmbedding, MaskedEmbedding, masked_embeddings  # noqa: E402
 from dsl_tf.schedules import (  # noqa: E402
     ConstantSchedule,
     CosineSchedule,
@@ -24,13 +24,16 @@ from dsl_tf.schedules import (  # noqa: E402
     UpdateSchedule,
 )
 from dsl_tf.callbacks import DynamicSparsity  # noqa: E402
+from dsl_tf.optimizers import LazyAdam  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CompactMaskedEmbedding",
     "ConstantSchedule",
     "CosineSchedule",
     "DynamicSparsity",
+    "LazyAdam",
     "LinearSchedule",
     "MaskedEmbedding",
     "UpdateSchedule",

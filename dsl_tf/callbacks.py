@@ -6,9 +6,11 @@ import time
 import warnings
 from typing import Mapping
 
+import numpy as np
 import tensorflow as tf
 
 from dsl_tf import masks, selection
+from dsl_tf._validation import is_integer, is_real, to_float
 from dsl_tf.layers import MaskedEmbedding, masked_embeddings
 from dsl_tf.schedules import SCHEDULES, UpdateSchedule
 
@@ -26,8 +28,9 @@ class DynamicSparsity(tf.keras.callbacks.Callback):
 
     1. ρ_t = ``decay(t, end_step)`` (Eq. 2 for ``"cosine"``);
     2. the ``floor(ρ_t · active)`` active entries with the smallest ``|w|`` are pruned;
-    3. as many entries are grown among those that were inactive before this step, with
-       the largest growth score, and start from 0 with zeroed optimizer slots.
+    3. as many entries are grown among those inactive after the prune (the paper's and
+       RigL's rule), with the largest growth score, and start from 0 with the optimizer's
+       initial slot state (0 for Adam, the initial accumulator for Adagrad / Ftrl).
 
     The active count is unchanged (checked after every exploration). The growth score is
     ``|Σ ∂L/∂(E ⊙ M)|``: the gradient with respect to the *effective* weights, from the
@@ -42,8 +45,15 @@ class DynamicSparsity(tf.keras.callbacks.Callback):
       initial_update_ratio: ρ0 in (0, 1].
       decay: ``"cosine"`` (paper), ``"linear"``, ``"constant"``, or an
         :class:`dsl_tf.UpdateSchedule` (which then carries ρ0 and the floor itself).
-      end_step: T_end, the step after which the mask is frozen. Default: ``epochs ×
-        steps_per_epoch`` of the ``fit`` call, read at ``on_train_begin``.
+      end_step: T_end, the step from which the mask is frozen. Default: the optimizer
+        step at which this ``fit`` ends, ``optimizer.iterations`` at its start plus the
+        ``(epochs − initial_epoch) × steps_per_epoch`` steps it runs (``epochs ×
+        steps_per_epoch`` for a first fit). So a second ``fit`` keeps exploring, on one
+        schedule stretched from step 0 to its own end (ρ_t resumes at ρ(t / T_end), not
+        at ρ0), as a run planned that long would; a fit continued with ``initial_epoch``
+        or resumed by ``BackupAndRestore`` keeps the original end. Pass ``end_step`` to
+        keep one schedule over several ``fit`` calls. A ``UserWarning`` names the
+        numbers when a ``fit`` will run no exploration at all.
       min_update_ratio: floor of ρ_t before ``end_step`` (the paper's code: 0.005).
       growth: ``"gradient"`` (paper; RigL), ``"momentum"`` (scores decayed by ``momentum``
         across intervals instead of reset), ``"random"`` (SET) or ``"none"`` (static
@@ -51,6 +61,11 @@ class DynamicSparsity(tf.keras.callbacks.Callback):
       budget: ``"per_layer"`` (each table keeps its own budget) or ``"global"`` (one
         budget over all tables, which may trade entries between them).
       momentum: decay of the ``"momentum"`` growth scores, in [0, 1).
+      exclude_pruned: ``False`` (the paper's and RigL's rule): grow among all entries
+        inactive after the prune, so a just-pruned entry may be regrown (from 0, with
+        fresh optimizer state). ``True``: grow only among entries inactive before the
+        exploration; the swap is then capped at the inactive count (a ``RuntimeWarning``
+        says when the cap bites, e.g. at low sparsity).
       seed: seed of the initial masks and random tie-breaking / growth. Masks depend only
         on ``(seed, step)``, so runs are reproducible and replicas agree.
       verbose: 0 silent, 1 one line per exploration.
@@ -88,6 +103,7 @@ class DynamicSparsity(tf.keras.callbacks.Callback):
         growth: str = "gradient",
         budget: str = "per_layer",
         momentum: float = 0.9,
+        exclude_pruned: bool = False,
         seed: int = 0,
         verbose: int = 0,
         log_dir: str | None = None,
@@ -96,12 +112,11 @@ class DynamicSparsity(tf.keras.callbacks.Callback):
         if isinstance(sparsity, Mapping):
             if not sparsity:
                 raise ValueError("sparsity must be a float or a non-empty dict, got {}")
-            for name, value in sparsity.items():
-                _check_sparsity(value, f"sparsity[{name!r}]")
-            sparsity = dict(sparsity)
+            sparsity = {name: _check_sparsity(value, f"sparsity[{name!r}]")
+                        for name, value in sparsity.items()}
         else:
-            _check_sparsity(sparsity, "sparsity")
-        _check_int(update_interval, "update_interval", 1)
+            sparsity = _check_sparsity(sparsity, "sparsity")
+        update_interval = _check_int(update_interval, "update_interval", 1)
         if isinstance(decay, UpdateSchedule):
             schedule = decay
         elif decay in SCHEDULES:
@@ -111,7 +126,7 @@ class DynamicSparsity(tf.keras.callbacks.Callback):
                 f"decay must be one of {sorted(SCHEDULES)} or an UpdateSchedule, got {decay!r}"
             )
         if end_step is not None:
-            _check_int(end_step, "end_step", 1)
+            end_step = _check_int(end_step, "end_step", 1)
         if growth not in GROWTH_MODES:
             raise ValueError(f"growth must be one of {GROWTH_MODES}, got {growth!r}")
         if budget not in BUDGET_MODES:
@@ -121,24 +136,28 @@ class DynamicSparsity(tf.keras.callbacks.Callback):
                 "budget='global' needs one float sparsity, got a per-layer dict sparsity="
                 f"{sparsity!r}"
             )
-        if not (isinstance(momentum, (int, float)) and 0.0 <= momentum < 1.0):
+        if not (is_real(momentum) and 0.0 <= momentum < 1.0):
             raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
-        _check_int(seed, "seed", 0)
-        _check_int(verbose, "verbose", 0)
+        seed = _check_int(seed, "seed", 0)
+        verbose = _check_int(verbose, "verbose", 0)
         self.sparsity = sparsity
         self.update_interval = int(update_interval)
         self.schedule = schedule
         self.end_step = end_step
         self.growth = growth
         self.budget = budget
-        self.momentum = float(momentum)
+        self.momentum = to_float(momentum)
+        if not isinstance(exclude_pruned, bool):
+            raise ValueError(f"exclude_pruned must be a bool, got {exclude_pruned!r}")
+        self.exclude_pruned = exclude_pruned
         self.seed = int(seed)
         self.verbose = int(verbose)
         self.log_dir = log_dir
         self.explorations: list[dict] = []
         self._layers: list[MaskedEmbedding] = []
         self._budgets: list[int] = []
-        self._end_step: int = 0
+        self._end_step: int | None = None  # resolved at the first batch of each fit
+        self._epoch = 0
         self._last_step = 0
         self._writer = None
 
@@ -152,6 +171,7 @@ class DynamicSparsity(tf.keras.callbacks.Callback):
             "growth": self.growth,
             "budget": self.budget,
             "momentum": self.momentum,
+            "exclude_pruned": self.exclude_pruned,
             "seed": self.seed,
             "verbose": self.verbose,
             "log_dir": self.log_dir,
@@ -169,10 +189,16 @@ class DynamicSparsity(tf.keras.callbacks.Callback):
             if not layer.built:
                 layer.build(None)
         self._layers = layers
-        self._end_step = self._resolve_end_step()
-        sizes = [int(layer.embeddings.shape.num_elements()) for layer in layers]
+        if any([layer.unscale_scores_by(self.model.optimizer) for layer in layers]):
+            self.model.make_train_function(force=True)  # the loss scale is read when tracing
+        if self.end_step is None:
+            self._fit_epochs_and_steps()  # fail now if end_step cannot be inferred
+        self._end_step, self._epoch = None, 0
+        sizes = [layer.input_dim * layer.output_dim for layer in layers]
         sparsities = self._layer_sparsities(layers)
         self._budgets = [masks.budget(n, s) for n, s in zip(sizes, sparsities)]
+        _check_nonempty(layers, sizes, sparsities, self._budgets, self.budget)
+        self._check_compact(layers)
         initialized = [bool(layer.mask_initialized.numpy()) for layer in layers]
         if not all(initialized):
             if self.budget == "global":
@@ -186,9 +212,10 @@ class DynamicSparsity(tf.keras.callbacks.Callback):
                 new = masks.initial_masks(sizes, self._budgets, self.seed)
             for layer, done, mask in zip(layers, initialized, new):
                 if not done:
-                    masks.apply_mask(layer, mask, self.model.optimizer)
-                    layer.growth_scores.assign(tf.zeros_like(layer.growth_scores))
-        active = [int(tf.reduce_sum(tf.cast(l.mask, tf.int64)).numpy()) for l in layers]
+                    masks.install_mask(layer, mask, self.model.optimizer)
+                    if layer.growth_scores is not None:
+                        layer.growth_scores.assign(tf.zeros_like(layer.growth_scores))
+        active = [masks.active_count(l) for l in layers]
         if self.budget == "per_layer" and active != self._budgets:
             raise ValueError(
                 "existing masks do not match the requested sparsity: active entries "
@@ -202,6 +229,13 @@ class DynamicSparsity(tf.keras.callbacks.Callback):
         self._last_step = self._step()
         if self.log_dir and self._writer is None:
             self._writer = tf.summary.create_file_writer(self.log_dir)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if self._end_step is None:  # first batch of this fit, after any BackupAndRestore
+            self._start_schedule(batch)
 
     def on_train_batch_end(self, batch, logs=None):
         step = self._step()
@@ -224,9 +258,7 @@ class DynamicSparsity(tf.keras.callbacks.Callback):
     def _step(self) -> int:
         return int(self.model.optimizer.iterations.numpy())
 
-    def _resolve_end_step(self) -> int:
-        if self.end_step is not None:
-            return self.end_step
+    def _fit_epochs_and_steps(self) -> tuple[int, int]:
         epochs, steps = self.params.get("epochs"), self.params.get("steps")
         if not epochs or not steps:
             raise ValueError(
@@ -234,7 +266,33 @@ class DynamicSparsity(tf.keras.callbacks.Callback):
                 f"{epochs!r}, steps per epoch={steps!r} (unknown dataset cardinality?). "
                 "Pass end_step=... or steps_per_epoch=... to fit()."
             )
-        return int(epochs) * int(steps)
+        return int(epochs), int(steps)
+
+    def _start_schedule(self, batch: int) -> None:
+        """Resolve ``end_step`` at this fit's first batch; warn if it cannot explore.
+
+        By default ``end_step`` is the step at which this fit ends: the current step plus
+        the steps left from (epoch, batch), where a fit continued with ``initial_epoch`` or
+        resumed by ``BackupAndRestore`` (restored before the first batch) starts.
+        """
+        step = self._step()
+        if self.end_step is not None:
+            self._end_step, how = self.end_step, "given"
+        else:
+            epochs, steps = self._fit_epochs_and_steps()
+            remaining = (epochs - self._epoch) * steps - batch
+            self._end_step = step + remaining
+            how = f"inferred: this fit's last step, {step} + {remaining}"
+        self._last_step = step
+        first = (step // self.update_interval + 1) * self.update_interval
+        if self.growth != "none" and first >= self._end_step:
+            warnings.warn(
+                f"DynamicSparsity: this fit runs no exploration, the masks stay fixed: the "
+                f"optimizer is at step {step}, end_step={self._end_step} ({how}), "
+                f"update_interval={self.update_interval}, so the next exploration would be at "
+                f"step {first} >= end_step. Pass a later end_step or a smaller update_interval.",
+                UserWarning,
+            )
 
     def _layer_sparsities(self, layers: list[MaskedEmbedding]) -> list[float]:
         if not isinstance(self.sparsity, dict):
@@ -259,23 +317,21 @@ class DynamicSparsity(tf.keras.callbacks.Callback):
             swapped, changed = self._explore_group([layers[i] for i in group], ratio, step, g)
             stats["dsl_num_swapped"] += swapped
             stats.update({f"dsl_mask_changed/{name}": c for name, c in changed.items()})
-        for layer, expected in zip(layers, self._budgets):
-            if self.budget == "per_layer":
-                _check_budget(layer, expected)
+        active = [masks.active_count(layer) for layer in layers]
+        for layer, count, expected in zip(layers, active, self._budgets):
+            if self.budget == "per_layer" and count != expected:
+                raise RuntimeError(f"budget broken on {layer.name}: {count} active, expected {expected}")
             if self.growth == "gradient":
                 layer.growth_scores.assign(tf.zeros_like(layer.growth_scores))
             elif self.growth == "momentum":
                 layer.growth_scores.assign(layer.growth_scores * self.momentum)
-        if self.budget == "global":
-            total = sum(int(tf.reduce_sum(l.mask).numpy()) for l in layers)
-            if total != sum(self._budgets):
-                raise RuntimeError(f"global budget broken: {total} active, expected {sum(self._budgets)}")
-        for layer in layers:
-            size = layer.embeddings.shape.num_elements()
-            stats[f"dsl_density/{layer.name}"] = float(tf.reduce_sum(layer.mask).numpy()) / size
-            stats[f"dsl_ever_active/{layer.name}"] = (
-                float(tf.reduce_sum(tf.cast(layer.ever_active, tf.float32)).numpy()) / size
-            )
+        if self.budget == "global" and sum(active) != sum(self._budgets):
+            raise RuntimeError(f"global budget broken: {sum(active)} active, expected {sum(self._budgets)}")
+        for layer, count in zip(layers, active):
+            size = layer.input_dim * layer.output_dim
+            stats[f"dsl_density/{layer.name}"] = count / size
+            if not masks.is_compact(layer):  # compact storage keeps no history of the mask
+                stats[f"dsl_ever_active/{layer.name}"] = masks.count_active(layer.ever_active) / size
         stats["dsl_seconds"] = time.perf_counter() - start
         self.explorations.append(stats)
         if self.verbose:
@@ -296,6 +352,8 @@ class DynamicSparsity(tf.keras.callbacks.Callback):
         Returns the number of entries swapped and, per layer, the fraction of its mask
         that changed.
         """
+        if masks.is_compact(layers[0]):
+            return self._explore_compact(layers[0], ratio, step, group)
         mask = tf.concat([tf.reshape(tf.cast(l.mask, tf.bool), [-1]) for l in layers], 0)
         weights = tf.concat([tf.reshape(l.embeddings, [-1]) for l in layers], 0)
         scores = None
@@ -313,31 +371,112 @@ class DynamicSparsity(tf.keras.callbacks.Callback):
             )
             return 0, {name: 0.0 for name in names}
         if self.growth == "none":
-            num = 0
-            new_mask = mask
-        else:
-            num = selection.num_updates(mask, ratio)
-            new_mask, _, _ = selection.prune_and_grow(mask, weights, scores, num, (self.seed, step * 97 + group))
-            num = int(num.numpy())
-        sizes = [l.embeddings.shape.num_elements() for l in layers]
+            return 0, {name: 0.0 for name in names}
+        num = int(selection.num_updates(mask, ratio, self.exclude_pruned).numpy())
+        wanted = int(selection.num_updates(mask, ratio).numpy())
+        if num < wanted:
+            warnings.warn(
+                f"DynamicSparsity: at step {step} only {num} of the {wanted} entries due (rho={ratio:.4f}) of "
+                f"{names} could be swapped: exclude_pruned=True caps the swap at the inactive count",
+                RuntimeWarning,
+            )
+        new_mask, _, grown = selection.prune_and_grow(
+            mask, weights, scores, num, (self.seed, step * 97 + group), self.exclude_pruned)
+        regrown = tf.logical_and(mask, selection.scatter_flags(tf.size(mask), grown))  # just pruned, grown again
+        sizes = [l.input_dim * l.output_dim for l in layers]
         changed = {}
-        for layer, old, new in zip(layers, tf.split(mask, sizes), tf.split(new_mask, sizes)):
-            changed[layer.name] = float(tf.reduce_mean(tf.cast(old != new, tf.float32)).numpy())
-            masks.apply_mask(layer, new, self.model.optimizer)
+        for layer, old, new, fresh in zip(layers, tf.split(mask, sizes), tf.split(new_mask, sizes),
+                                         tf.split(regrown, sizes)):
+            changed[layer.name] = int(tf.math.count_nonzero(old != new, dtype=tf.int64)) / old.shape[0]
+            masks.apply_mask(layer, new, self.model.optimizer, fresh)
         return num, changed
 
+    def _explore_compact(
+        self, layer: MaskedEmbedding, ratio: float, step: int, group: int
+    ) -> tuple[int, dict[str, float]]:
+        """:meth:`_explore_group` for a compact table: the same ranking (``selection``) on
+        its active values, then a new layout; only ``[budget]`` tensors and row splits
+        (plus the dense growth scores, if kept) are read and written."""
+        values = tf.convert_to_tensor(layer.values)
+        scores = None
+        if self.growth in ("gradient", "momentum"):
+            scores = tf.reshape(tf.convert_to_tensor(layer.growth_scores), [-1])
+        finite = tf.reduce_all(tf.math.is_finite(values))
+        if scores is not None:
+            finite = tf.logical_and(finite, tf.reduce_all(tf.math.is_finite(scores)))
+        if not bool(finite.numpy()):
+            warnings.warn(
+                f"DynamicSparsity: NaN/Inf in the weights or growth scores of {[layer.name]} at step "
+                f"{step}; skipping their mask update (the budget is unchanged).",
+                RuntimeWarning,
+            )
+            return 0, {layer.name: 0.0}
+        if self.growth == "none":
+            return 0, {layer.name: 0.0}
+        size, active = layer.input_dim * layer.output_dim, layer.budget
+        wanted = int(np.floor(ratio * active))
+        num = min(wanted, size - active) if self.exclude_pruned else wanted
+        if num < wanted:
+            warnings.warn(
+                f"DynamicSparsity: at step {step} only {num} of the {wanted} entries due (rho={ratio:.4f}) of "
+                f"{[layer.name]} could be swapped: exclude_pruned=True caps the swap at the inactive count",
+                RuntimeWarning,
+            )
+        positions = layer.positions()
+        keep, grown = selection.prune_and_grow_positions(
+            positions, values, size, scores, num, (self.seed, step * 97 + group), self.exclude_pruned)
+        masks.apply_compact_update(layer, keep, grown, self.model.optimizer)
+        new = layer.positions()
+        found = tf.gather(new, tf.minimum(tf.searchsorted(new, positions), active - 1))
+        moved = int(tf.math.count_nonzero(found != positions, dtype=tf.int64))  # left the layout
+        return num, {layer.name: 2 * moved / size}
 
-def _check_sparsity(value, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
+    def _check_compact(self, layers: list[MaskedEmbedding]) -> None:
+        """Compact tables have their budget in their shape: it must be the requested one."""
+        for layer, expected in zip(layers, self._budgets):
+            if not masks.is_compact(layer):
+                continue
+            if self.budget == "global":
+                raise ValueError(f"budget='global' is not supported with compact storage ({layer.name!r})")
+            if layer.budget != expected:
+                raise ValueError(
+                    f"{layer.name!r} stores {layer.budget} active entries (sparsity {layer.sparsity}) but "
+                    f"DynamicSparsity asks for {expected}: give both the same sparsity")
+            if self.growth in ("gradient", "momentum") and layer.growth_scores is None:
+                raise ValueError(
+                    f"growth={self.growth!r} needs growth scores, but {layer.name!r} was built with "
+                    "growth_scores='none'")
+
+
+def _check_sparsity(value, name: str) -> float:
+    if not (is_real(value) and 0.0 < value < 1.0):
         raise ValueError(f"{name} must be a float in (0, 1), got {value!r}")
+    return to_float(value)
 
 
-def _check_int(value, name: str, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+def _check_int(value, name: str, minimum: int) -> int:
+    if not (is_integer(value) and value >= minimum):
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
 
 
-def _check_budget(layer: MaskedEmbedding, expected: int) -> None:
-    active = int(tf.reduce_sum(tf.cast(layer.mask, tf.int64)).numpy())
-    if active != expected:
-        raise RuntimeError(f"budget broken on {layer.name}: {active} active, expected {expected}")
+def _check_nonempty(
+    layers: list[MaskedEmbedding], sizes: list[int], sparsities: list[float], budgets: list[int],
+    mode: str,
+) -> None:
+    """A budget of 0 active entries (a tiny table at high sparsity) is an error."""
+    if mode == "global":
+        if masks.budget(sum(sizes), sparsities[0]) == 0:
+            raise ValueError(
+                f"sparsity={sparsities[0]} leaves no active entry in the global budget of "
+                f"{[l.name for l in layers]} ({sum(sizes)} entries): round((1 - s) * size) = 0"
+            )
+        return
+    for layer, s, size, b in zip(layers, sparsities, sizes, budgets):
+        if b == 0:
+            raise ValueError(
+                f"sparsity={s} leaves table {layer.name!r} ({layer.input_dim} x "
+                f"{layer.output_dim} = {size} entries) with no active entry: "
+                "round((1 - s) * size) = 0. Give it a lower sparsity (dict sparsity)."
+            )
+

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import tensorflow as tf
+
+from dsl_tf._validation import is_integer
 
 _ON_READ = tf.VariableSynchronization.ON_READ
 
@@ -24,7 +29,10 @@ class MaskedEmbedding(tf.keras.layers.Embedding):
       ``score_tracking`` is on (the callback turns it on for gradient-based growth),
       with one scatter-add of the batch's rows per step: O(batch · dim). Under a
       ``tf.distribute`` strategy it is a sync-on-read SUM variable, so reading it in
-      cross-replica context reduces it over replicas.
+      cross-replica context reduces it over replicas. Under mixed precision the
+      gradients are unscaled by the ``LossScaleOptimizer``'s loss scale (see
+      :meth:`unscale_scores_by`), and a step whose gradient for this table is not finite
+      (an overflow, which the optimizer skips) adds nothing.
     * ``ever_active`` (bool) and ``mask_initialized`` (bool scalar), for bookkeeping.
 
     The forward pass gathers only the looked-up rows of table and mask, O(batch · dim);
@@ -40,10 +48,16 @@ class MaskedEmbedding(tf.keras.layers.Embedding):
     40
     """
 
+    _score_loss_scale = None  # () -> the loss scale dividing tracked gradients; None: 1
+    _score_loss_scale_owner = None  # id() of the optimizer ``_score_loss_scale`` reads
+
     def __init__(self, input_dim: int, output_dim: int, **kwargs):
         if kwargs.get("sparse"):
             raise ValueError("MaskedEmbedding does not support sparse=True, got sparse=True")
-        super().__init__(input_dim, output_dim, **kwargs)
+        for name, value in (("input_dim", input_dim), ("output_dim", output_dim)):
+            if not is_integer(value):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        super().__init__(int(input_dim), int(output_dim), **kwargs)
 
     def build(self, input_shape=None):
         super().build(input_shape)
@@ -79,18 +93,50 @@ class MaskedEmbedding(tf.keras.layers.Embedding):
             rows = tf.cast(rows, compute_dtype)
         return rows
 
+    def unscale_scores_by(self, optimizer) -> bool:
+        """Divide the tracked gradients by ``optimizer``'s loss scale, if it has one.
+
+        With a ``tf.keras.mixed_precision.LossScaleOptimizer`` the training step
+        differentiates the loss times the (dynamic) loss scale — Keras'
+        ``Model.train_step`` does it through ``optimizer.minimize``, and the optimizer
+        warns if a custom ``train_step`` does not — so the row gradients seen here are
+        scaled too. :class:`dsl_tf.DynamicSparsity` calls this at ``on_train_begin``.
+
+        The scale variable is captured when the training step is traced: returns True if
+        the setting changed, in which case the caller must re-create the train function.
+        """
+        scaled = isinstance(optimizer, tf.keras.mixed_precision.LossScaleOptimizer)
+        owner = id(optimizer) if scaled else None
+        if owner == self._score_loss_scale_owner:
+            return False
+        self._score_loss_scale = (lambda: optimizer.loss_scale) if scaled else None
+        self._score_loss_scale_owner = owner
+        return True
+
     def _track_growth_scores(self, rows: tf.Tensor, ids: tf.Tensor) -> tf.Tensor:
-        """Identity whose gradient scatter-adds ``∂L/∂rows`` into ``growth_scores``."""
+        """Identity whose gradient scatter-adds ``∂L/∂rows`` into ``growth_scores``.
+
+        The gradient is divided by the loss scale (mixed precision) and dropped when it is
+        not finite.
+        """
         scores, tracking, dim = self.growth_scores, self.score_tracking, self.output_dim
+        loss_scale = self._score_loss_scale
 
         @tf.custom_gradient
         def identity(x):
             def grad(dy):
                 def accumulate():
                     flat_dy = tf.reshape(tf.cast(dy, tf.float32), [-1, dim])
+                    if loss_scale is not None:
+                        flat_dy = flat_dy / tf.cast(loss_scale(), tf.float32)
                     flat_ids = tf.reshape(ids, [-1])
-                    _local(scores).scatter_add(tf.IndexedSlices(flat_dy, flat_ids))
-                    return tf.constant(True)
+
+                    def add():
+                        _local(scores).scatter_add(tf.IndexedSlices(flat_dy, flat_ids))
+                        return tf.constant(True)
+
+                    finite = tf.reduce_all(tf.math.is_finite(flat_dy))
+                    return tf.cond(finite, add, lambda: tf.constant(False))
 
                 done = tf.cond(tracking, accumulate, lambda: tf.constant(False))
                 with tf.control_dependencies([done]):
@@ -103,6 +149,171 @@ class MaskedEmbedding(tf.keras.layers.Embedding):
     def effective_table(self) -> tf.Tensor:
         """The whole masked table ``E ⊙ M`` (whole-table work: for export/analysis)."""
         return self.embeddings * self.mask
+
+
+
+def table_budget(size: int, sparsity: float) -> int:
+    """Active entries kept at ``sparsity``: ``round((1 − s) · size)``, halves rounded up.
+
+    >>> table_budget(1000, 0.8), table_budget(5, 0.5)
+    (200, 3)
+    """
+    return int(math.floor((1.0 - float(sparsity)) * int(size) + 0.5))
+
+
+SCORE_MODES = ("dense", "none")
+
+
+@tf.keras.utils.register_keras_serializable(package="dsl_tf")
+class CompactMaskedEmbedding(MaskedEmbedding):
+    """A :class:`MaskedEmbedding` whose trainable state is only its active entries.
+
+    The budget ``round((1 − s) · input_dim · output_dim)`` is fixed for the whole run, so
+    the trainable ``values`` variable has the fixed shape ``[budget]`` and so have its
+    optimizer slots (Adam's moments are 2 × 4 bytes per *active* entry, not per table
+    entry). Which (row, column) each value belongs to is a CSR layout that only an
+    exploration changes:
+
+    * ``row_splits`` (int64 ``[input_dim + 1]``): row ``r``'s values are
+      ``values[row_splits[r]:row_splits[r + 1]]``;
+    * ``col_ids`` (int16 when ``output_dim`` < 2^15, else int32, ``[budget]``): their
+      columns, ascending within a row.
+
+    Values are ordered by flat position ``row · output_dim + col``, so the layout is
+    shardable by row ranges. The forward pass gathers the looked-up rows' values and
+    scatters them into dense ``[batch, output_dim]`` rows: O(batch × active per row),
+    standard TF ops; the gradient reaches ``values`` as ``IndexedSlices`` (use
+    :class:`dsl_tf.optimizers.LazyAdam` for an O(batch) optimizer step).
+
+    Growth scores (``growth_scores``): ``"dense"`` keeps the exact float32 accumulator of
+    ``∂L/∂(E ⊙ M)`` over the whole table (as :class:`MaskedEmbedding` does; needed for
+    ``growth="gradient"``/``"momentum"``), ``"none"`` keeps none (for ``growth="random"``
+    or ``"none"``: SET and RP).
+
+    ``values`` are drawn from ``embeddings_initializer`` with shape ``[budget]``, which
+    equals the dense table's distribution for element-wise initializers (the default
+    ``"uniform"``, normal, truncated normal, constants); shape-dependent initializers
+    (Glorot, He, ...) would see the wrong fan-in and are rejected.
+
+    Example:
+
+    >>> import dsl_tf, tensorflow as tf
+    >>> layer = dsl_tf.CompactMaskedEmbedding(100, 8, sparsity=0.75)
+    >>> layer(tf.constant([[1, 2]])).shape
+    TensorShape([1, 2, 8])
+    >>> layer.values.shape, layer.budget
+    (TensorShape([200]), 200)
+    """
+
+    storage = "compact"
+
+    def __init__(self, input_dim: int, output_dim: int, sparsity: float = 0.8,
+                 growth_scores: str = "dense", **kwargs):
+        super().__init__(input_dim, output_dim, **kwargs)
+        if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 < float(sparsity) < 1.0:
+            raise ValueError(f"sparsity must be a float in (0, 1), got {sparsity!r}")
+        if growth_scores not in SCORE_MODES:
+            raise ValueError(f"growth_scores must be one of {SCORE_MODES}, got {growth_scores!r}")
+        initializer = type(self.embeddings_initializer).__name__
+        if initializer in _FAN_INITIALIZERS:
+            raise ValueError(
+                f"embeddings_initializer {initializer} depends on the table's shape; use an element-wise "
+                "initializer (e.g. 'uniform', RandomNormal) with CompactMaskedEmbedding")
+        self.sparsity = float(sparsity)
+        self.growth_scores_mode = growth_scores
+        self.budget = table_budget(self.input_dim * self.output_dim, self.sparsity)
+        if self.budget < 1:
+            raise ValueError(
+                f"{self.name}: sparsity {self.sparsity} leaves no active entry of the "
+                f"{self.input_dim} x {self.output_dim} table")
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "sparsity": self.sparsity, "growth_scores": self.growth_scores_mode}
+
+    def build(self, input_shape=None):
+        rows, dim = self.input_dim, self.output_dim
+        self.values = self.add_weight(
+            name="values", shape=(self.budget,), initializer=self.embeddings_initializer,
+            regularizer=self.embeddings_regularizer, constraint=self.embeddings_constraint,
+            experimental_autocast=False,
+        )
+        # Until DynamicSparsity installs a random layout: the first `budget` flat positions.
+        first = np.arange(self.budget, dtype=np.int64)
+        splits = np.searchsorted(first // dim, np.arange(rows + 1), side="left").astype(np.int64)
+        self.row_splits = self.add_weight(
+            name="row_splits", shape=(rows + 1,), dtype=tf.int64, trainable=False,
+            initializer=tf.constant_initializer(splits),
+        )
+        self.col_ids = self.add_weight(
+            name="col_ids", shape=(self.budget,), dtype=_col_dtype(dim), trainable=False,
+            initializer=tf.constant_initializer(first % dim),
+        )
+        if self.growth_scores_mode == "dense":
+            self.growth_scores = self.add_weight(
+                name="growth_scores", shape=(rows, dim), initializer="zeros", trainable=False,
+                dtype=tf.float32, synchronization=_ON_READ,
+                aggregation=tf.VariableAggregation.SUM, experimental_autocast=False,
+            )
+        else:
+            self.growth_scores = None
+        self.mask_initialized = self.add_weight(
+            name="mask_initialized", shape=(), initializer="zeros", trainable=False, dtype=tf.bool)
+        self.score_tracking = self.add_weight(
+            name="score_tracking", shape=(), initializer="zeros", trainable=False, dtype=tf.bool)
+        self.built = True
+
+    def call(self, inputs):
+        ids = tf.cast(inputs, tf.int64)
+        flat = tf.reshape(ids, [-1])
+        dim = self.output_dim
+        starts = tf.gather(self.row_splits, flat)
+        entries = tf.ragged.range(starts, tf.gather(self.row_splits, flat + 1))
+        positions = entries.flat_values
+        values = tf.gather(self.values, positions)
+        cols = tf.cast(tf.gather(self.col_ids, positions), tf.int64)
+        index = tf.stack([entries.value_rowids(), cols], axis=1)
+        rows = tf.scatter_nd(index, values, tf.stack([tf.size(flat, out_type=tf.int64), dim]))
+        if self.growth_scores is not None:
+            rows = self._track_growth_scores(rows, flat)
+        rows = tf.reshape(rows, tf.concat([tf.shape(ids), [dim]], 0))
+        compute_dtype = self._dtype_policy.compute_dtype
+        return rows if rows.dtype == compute_dtype else tf.cast(rows, compute_dtype)
+
+    # ---------------------------------------------------------------- layout
+    def positions(self) -> tf.Tensor:
+        """Flat positions ``row · output_dim + col`` of the ``budget`` values (ascending)."""
+        rows = tf.ragged.row_splits_to_segment_ids(self.row_splits, out_type=tf.int64)
+        return rows * self.output_dim + tf.cast(self.col_ids, tf.int64)
+
+    def set_layout(self, positions: tf.Tensor) -> None:
+        """Install the layout of ``budget`` ascending, distinct flat ``positions``."""
+        positions = tf.cast(positions, tf.int64)
+        rows = positions // self.output_dim
+        counts = tf.math.bincount(rows, minlength=self.input_dim, maxlength=self.input_dim, dtype=tf.int64)
+        self.row_splits.assign(tf.concat([[0], tf.cumsum(counts)], 0))
+        self.col_ids.assign(tf.cast(positions % self.output_dim, self.col_ids.dtype))
+
+    def dense_mask(self) -> tf.Tensor:
+        """The table-shaped bool mask (whole-table work: export/analysis)."""
+        size = self.input_dim * self.output_dim
+        flags = tf.scatter_nd(self.positions()[:, None], tf.ones([self.budget], tf.bool), [size])
+        return tf.reshape(flags, [self.input_dim, self.output_dim])
+
+    def effective_table(self) -> tf.Tensor:
+        """The whole table ``E ⊙ M`` (whole-table work: export/analysis)."""
+        size = self.input_dim * self.output_dim
+        table = tf.scatter_nd(self.positions()[:, None], self.values, [size])
+        return tf.reshape(table, [self.input_dim, self.output_dim])
+
+
+_FAN_INITIALIZERS = frozenset({
+    "GlorotUniform", "GlorotNormal", "HeUniform", "HeNormal", "LecunUniform", "LecunNormal",
+    "VarianceScaling", "Orthogonal", "Identity",
+})
+
+
+def _col_dtype(dim: int) -> tf.DType:
+    return tf.int16 if dim < 2**15 else tf.int32
 
 
 def _local(variable: tf.Variable) -> tf.Variable:

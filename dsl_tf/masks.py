@@ -6,21 +6,16 @@ together, so that pruned entries are exactly 0 and cannot be revived by optimize
 
 from __future__ import annotations
 
-import math
+import warnings
+import weakref
 
 import tensorflow as tf
 
 from dsl_tf import selection
-from dsl_tf.layers import MaskedEmbedding
+from dsl_tf.layers import MaskedEmbedding, table_budget
 
 
-def budget(size: int, sparsity: float) -> int:
-    """Active entries kept at ``sparsity``: ``round((1 − s) · size)``, halves rounded up.
-
-    >>> budget(1000, 0.8), budget(5, 0.5)
-    (200, 3)
-    """
-    return int(math.floor((1.0 - sparsity) * size + 0.5))
+budget = table_budget  # round((1 − s) · size), halves rounded up: ``budget(1000, 0.8) == 200``
 
 
 def initial_masks(
@@ -42,46 +37,202 @@ def initial_masks(
     ]
 
 
-def optimizer_slots(optimizer, variable: tf.Variable) -> list[tf.Variable]:
-    """The optimizer's slot variables (momentum, Adam moments, ...) of ``variable``.
+def count_active(mask: tf.Tensor | tf.Variable) -> int:
+    """Number of non-zero entries of ``mask``, counted in int64 (exact beyond 2^24).
 
-    Supports tf.keras (Keras 2) optimizers, legacy optimizers and wrappers such as
-    ``LossScaleOptimizer``. Slots that do not exist yet (before the first step) are
-    simply absent: they will be created as zeros.
+    >>> count_active(tf.constant([1.0, 0.0, 1.0]))
+    2
     """
-    optimizer = getattr(optimizer, "inner_optimizer", optimizer)
-    if hasattr(optimizer, "get_slot_names"):  # legacy optimizer
-        slots = (optimizer.get_slot(variable, n) for n in optimizer.get_slot_names())
-        try:
-            return [s for s in slots if s is not None]
-        except KeyError:
-            return []
-    suffix = "/" + variable._shared_name  # name pattern of add_variable_from_reference
-    return [
-        v
-        for v in optimizer.variables()
-        if v.shape == variable.shape and v._shared_name.endswith(suffix)
-    ]
+    return int(tf.math.count_nonzero(mask, dtype=tf.int64).numpy())
 
 
-def apply_mask(layer: MaskedEmbedding, new_mask: tf.Tensor, optimizer=None) -> None:
+def leaf_optimizers(optimizer) -> list:
+    """The optimizers that own slots: ``optimizer`` itself, or the ones it wraps
+    (``LossScaleOptimizer.inner_optimizer``, TFRS ``CompositeOptimizer.optimizers``)."""
+    inner = getattr(optimizer, "inner_optimizer", None)
+    if inner is not None:
+        return leaf_optimizers(inner)
+    composed = getattr(optimizer, "optimizers", None)
+    if isinstance(composed, (list, tuple)):
+        return [leaf for opt in composed for leaf in leaf_optimizers(opt)]
+    return [optimizer]
+
+
+def optimizer_slots(optimizer, variable: tf.Variable) -> list[tf.Variable]:
+    """The optimizer's per-entry slot variables (momentum, Adam moments, ...) of ``variable``.
+
+    Found by variable identity (never by name), in Keras 2 optimizers, legacy optimizers
+    and wrappers (``LossScaleOptimizer``, TFRS ``CompositeOptimizer``). Slots that do not
+    exist yet (before the first step) are absent: the optimizer creates them in their
+    initial state. Slots of another shape (Adafactor's factored moments) are not per-entry
+    state and are left out.
+    """
+    return [slot for slot, _ in slot_states(optimizer, variable)]
+
+
+def slot_states(optimizer, variable: tf.Variable) -> list[tuple[tf.Variable, float]]:
+    """``(slot, initial value)`` for every per-entry slot of ``variable``.
+
+    The initial value is the one the optimizer itself gives a new slot (0 for Adam's
+    moments, ``initial_accumulator_value`` for Adagrad and Ftrl, ...), read from a clone
+    of the optimizer built on a one-entry variable.
+    """
+    for opt in leaf_optimizers(optimizer):
+        slots = _named_slots(opt, variable)
+        if slots:
+            initial = _initial_slot_values(opt, variable)
+            return [(slot, initial.get(name, 0.0)) for name, slot in slots]
+    return []
+
+
+def has_unfound_slots(optimizer, variable: tf.Variable) -> bool:
+    """Whether ``optimizer`` holds variables shaped like ``variable`` although none is
+    found as ``variable``'s slot: per-entry state this module cannot reset."""
+    if slot_states(optimizer, variable):
+        return False
+    held = optimizer.variables
+    held = held() if callable(held) else held
+    return any(v.shape == variable.shape for v in held)
+
+
+def _named_slots(optimizer, variable: tf.Variable) -> list[tuple[str, tf.Variable]]:
+    if hasattr(optimizer, "get_slot_names"):  # legacy optimizer: slots keyed by variable
+        found = []
+        for name in optimizer.get_slot_names():
+            try:
+                slot = optimizer.get_slot(variable, name)
+            except KeyError:
+                continue
+            if slot is not None and slot.shape == variable.shape:
+                found.append((name, slot))
+        return found
+    index_of = getattr(optimizer, "_index_dict", None)
+    if not index_of:
+        return []
+    key = optimizer._var_key(variable)
+    if key not in index_of:
+        return []
+    index, count = index_of[key], len(index_of)
+    found = []
+    for name, value in sorted(vars(optimizer).items()):
+        if name in ("_variables", "_trainable_variables") or not isinstance(value, list) or len(value) != count:
+            continue
+        slot = value[index]
+        if (isinstance(slot, tf.Variable) and slot.shape == variable.shape
+                and optimizer._var_key(slot) != key):
+            found.append((name, slot))
+    return found
+
+
+_INITIAL_VALUES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _initial_slot_values(optimizer, variable: tf.Variable) -> dict[str, float]:
+    """``{slot name: initial value}`` of ``optimizer``'s per-entry slots for a variable of
+    ``variable``'s rank and dtype (empty for stateless optimizers such as plain SGD)."""
+    cache = _INITIAL_VALUES.setdefault(optimizer, {})
+    key = (variable.shape.rank, variable.dtype.name)
+    if key not in cache:
+        clone = type(optimizer).from_config(optimizer.get_config())
+        probe = tf.Variable(tf.zeros([1] * max(variable.shape.rank, 1), variable.dtype), name="probe")
+        if hasattr(clone, "get_slot_names"):
+            clone._create_all_weights([probe])
+        else:
+            clone.build([probe])
+        cache[key] = {name: float(tf.reshape(slot, [-1])[0]) for name, slot in _named_slots(clone, probe)}
+    return cache[key]
+
+
+def apply_mask(
+    layer: MaskedEmbedding,
+    new_mask: tf.Tensor,
+    optimizer=None,
+    fresh: tf.Tensor | None = None,
+) -> None:
     """Install ``new_mask`` (bool, table-shaped or flat) on ``layer``.
 
     Only entries active both before and after keep their weight and optimizer slots;
-    pruned entries, newly grown ones and inactive ones are set to exactly 0 in the table
-    and in every slot, so grown weights start from 0 with fresh slots and no optimizer
-    state can move a pruned weight.
+    pruned, newly grown and inactive entries are set to exactly 0 in the table and every
+    slot goes back to the optimizer's initial value (0 for Adam, the initial accumulator
+    for Adagrad/Ftrl), so grown weights start from 0 with fresh slots and no optimizer
+    state can move a pruned weight. ``fresh`` (bool, same shape) marks entries that
+    restart from scratch even though they were active before (a just-pruned entry that
+    was regrown).
+
+    Warns (``RuntimeWarning``) if the optimizer holds table-shaped state but none of it is
+    found as the table's slot (see :func:`has_unfound_slots`): that state is not reset.
     """
     shape = layer.embeddings.shape
     new_mask = tf.reshape(tf.cast(new_mask, tf.bool), shape)
     keep = tf.logical_and(new_mask, tf.cast(layer.mask, tf.bool))
-    layer.embeddings.assign(tf.where(keep, layer.embeddings, tf.zeros_like(layer.embeddings)))
+    if fresh is not None:
+        keep = tf.logical_and(keep, tf.logical_not(tf.reshape(tf.cast(fresh, tf.bool), shape)))
+    table = layer.embeddings
+    table.assign(tf.where(keep, table, tf.zeros([], table.dtype)))
     if optimizer is not None:
-        for slot in optimizer_slots(optimizer, layer.embeddings):
-            slot.assign(tf.where(keep, slot, tf.zeros_like(slot)))
+        states = slot_states(optimizer, table)
+        for slot, initial in states:
+            slot.assign(tf.where(keep, slot, tf.constant(initial, slot.dtype)))
+        if not states and has_unfound_slots(optimizer, table):
+            warnings.warn(
+                f"optimizer {type(optimizer).__name__} holds table-shaped state, but none of it was found "
+                f"as a slot of {layer.name!r}: its pruned and grown entries keep stale optimizer state",
+                RuntimeWarning,
+            )
     layer.mask.assign(tf.cast(new_mask, layer.mask.dtype))
     # The first mask replaces the all-ones initial state; later ones add to the history.
     if bool(layer.mask_initialized.numpy()):
         new_mask = tf.logical_or(layer.ever_active, new_mask)
     layer.ever_active.assign(new_mask)
     layer.mask_initialized.assign(True)
+
+
+def is_compact(layer: MaskedEmbedding) -> bool:
+    """Whether ``layer`` stores only its active entries (``CompactMaskedEmbedding``)."""
+    return getattr(layer, "storage", "dense") == "compact"
+
+
+def active_count(layer: MaskedEmbedding) -> int:
+    """Active entries of ``layer``'s table (int64-exact), for either storage."""
+    if is_compact(layer):
+        return int(layer.row_splits[-1].numpy())
+    return count_active(layer.mask)
+
+
+def install_mask(layer: MaskedEmbedding, new_mask: tf.Tensor, optimizer=None) -> None:
+    """A layer's first mask: :func:`apply_mask` for dense storage; for compact storage the
+    active positions become the layout and the (element-wise drawn) initial values stay."""
+    if not is_compact(layer):
+        apply_mask(layer, new_mask, optimizer)
+        return
+    positions = tf.where(tf.reshape(tf.cast(new_mask, tf.bool), [-1]))[:, 0]
+    if int(tf.size(positions)) != layer.budget:
+        raise ValueError(f"{layer.name}: a mask of {int(tf.size(positions))} active entries does not fit "
+                         f"its compact budget of {layer.budget}")
+    layer.set_layout(positions)
+    layer.mask_initialized.assign(True)
+
+
+def apply_compact_update(layer: MaskedEmbedding, keep: tf.Tensor, grown: tf.Tensor, optimizer=None) -> None:
+    """Prune and grow a compact layer: ``keep`` (bool [budget]) marks the values that stay,
+    ``grown`` (int64 flat positions, as many as pruned) the new entries.
+
+    Kept values keep their value and optimizer slots (moved to their new index in the
+    position order); grown ones start at 0 with the optimizer's initial slot state. Only
+    ``[budget]``-sized and row-split tensors are written.
+    """
+    positions = layer.positions()
+    kept = tf.where(keep)[:, 0]
+    grown = tf.cast(grown, tf.int64)
+    if int(tf.size(kept)) + int(tf.size(grown)) != layer.budget:
+        raise ValueError(f"{layer.name}: {int(tf.size(kept))} kept + {int(tf.size(grown))} grown entries "
+                         f"do not make its budget of {layer.budget}")
+    new_positions = tf.concat([tf.gather(positions, kept), grown], 0)
+    order = tf.argsort(new_positions)
+    source = tf.gather(tf.concat([kept, -tf.ones_like(grown)], 0), order)  # -1: grown
+    fresh, source = source < 0, tf.maximum(source, 0)
+    layer.values.assign(tf.where(fresh, tf.zeros([], layer.values.dtype), tf.gather(layer.values, source)))
+    if optimizer is not None:
+        for slot, initial in slot_states(optimizer, layer.values):
+            slot.assign(tf.where(fresh, tf.constant(initial, slot.dtype), tf.gather(slot, source)))
+    layer.set_layout(tf.gather(new_positions, order))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+from dsl_tf._validation import is_real, to_float
+
 
 class UpdateSchedule:
     """Base class: ``schedule(step, end_step) -> ρ_t`` in [0, 1].
@@ -15,26 +17,27 @@ class UpdateSchedule:
     """
 
     def __init__(self, initial_ratio: float = 0.5, min_ratio: float = 0.005):
-        if not 0.0 < initial_ratio <= 1.0:
+        if not (is_real(initial_ratio) and 0.0 < initial_ratio <= 1.0):
             raise ValueError(f"initial_update_ratio must be in (0, 1], got {initial_ratio!r}")
-        if not 0.0 <= min_ratio <= initial_ratio:
+        initial_ratio = to_float(initial_ratio)
+        if not (is_real(min_ratio) and 0.0 <= min_ratio <= initial_ratio):
             raise ValueError(
                 f"min_update_ratio must be in [0, initial_update_ratio={initial_ratio}], "
                 f"got {min_ratio!r}"
             )
-        self.initial_ratio = float(initial_ratio)
-        self.min_ratio = float(min_ratio)
+        self.initial_ratio = initial_ratio
+        self.min_ratio = to_float(min_ratio)
 
     def ratio(self, progress: float) -> float:
         """The un-floored ratio at ``progress = step / end_step`` in [0, 1)."""
         raise NotImplementedError
 
     def __call__(self, step: int, end_step: int) -> float:
-        if end_step <= 0:
+        if not (is_real(end_step) and end_step > 0):
             raise ValueError(f"end_step must be positive, got {end_step!r}")
         if step >= end_step:
             return 0.0
-        return max(self.min_ratio, self.ratio(max(step, 0) / end_step))
+        return max(self.min_ratio, float(self.ratio(max(float(step), 0.0) / float(end_step))))
 
     def get_config(self) -> dict:
         return {"initial_ratio": self.initial_ratio, "min_ratio": self.min_ratio}

@@ -21,14 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dsl_tf  # noqa: E402,F401  (before tf.keras)
 import numpy as np  # noqa: E402
 
-from export.servable import (  # noqa: E402
-    FORMATS,
-    ITEM_MATRIX,
-    VALUES,
-    ExportError,
-    SessionServable,
-    export_run,
-)
+from export.builder import FORMATS, ITEM_MATRIX, VALUES, ExportError  # noqa: E402
+from export.loader import SessionServable  # noqa: E402
+from export.servable import export_run  # noqa: E402
 
 
 def parser() -> argparse.ArgumentParser:
@@ -53,7 +48,8 @@ def parser() -> argparse.ArgumentParser:
                    help="skip writing a temporary dense export to report the size ratio")
     p.add_argument("--query", action="store_true",
                    help="load the written version through a TF1 session and print one user's top-k")
-    p.add_argument("--user", type=int, default=0, help="user id for --query (default 0)")
+    p.add_argument("--user", default=None,
+                   help="raw user id for --query, as in the data files (default: the first user)")
     return p
 
 
@@ -77,11 +73,21 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(result.report(), flush=True)
     if args.query:
-        print(f"[export] query: TF1 session on {result.path}, signature serving_default, user_id={args.user}")
+        user = result.example_users[0] if args.user is None else args.user
+        if result.metadata["ids"]["user"]["dtype"] == "int64":
+            try:
+                user = int(user)
+            except ValueError:
+                print(f"error: --user {user!r}: this model's user ids are integers", file=sys.stderr)
+                return 2
+        print(f"[export] query: TF1 session on {result.path}, signature serving_default, user_id={user!r}")
         with SessionServable(result.path) as session:
-            out = session.run("serving_default", user_id=np.array([args.user], np.int64))
+            out = session.run("serving_default", user_id=np.array([user]))
+        if not out["known"][0]:
+            print(f"  unknown user {user!r}: the {result.k} most popular items, score 0")
         for rank, (item, score) in enumerate(zip(out["item_ids"][0], out["scores"][0]), 1):
-            print(f"  {rank:>3}. item {int(item):>7d}  score {float(score):.5f}")
+            item = item.decode() if isinstance(item, bytes) else int(item)
+            print(f"  {rank:>3}. item {item!s:>7}  score {float(score):.5f}")
     return 0
 
 

@@ -101,5 +101,6 @@ def write_run_dir(run_dir: str | Path, num_users=60, num_items=90, dim=16, steps
     np.savez(run / "masks.npz", **{l.name: l.mask.numpy().astype(bool) for l in layers})
     np.save(run / "item_popularity.npy", np.bincount(train.indices, minlength=num_items).astype(np.int64))
     sp.save_npz(run / "interactions.npz", train)
+    np.savez(run / "id_maps.npz", user_ids=np.arange(num_users), item_ids=np.arange(num_items))
     (run / "summary.json").write_text(json.dumps({"sparsity": 0.8}))
     return run

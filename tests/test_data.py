@@ -355,6 +355,8 @@ def test_interaction_data_helpers(small):
         "cold_valid_users": 0,
         "test_users": 2,
         "cold_test_users": 1,
+        "cold_valid_items": 1,
+        "cold_test_items": 1,
     }
     with pytest.raises(ValueError, match="split must be"):
         small.eval_users("train")
@@ -484,3 +486,75 @@ def test_docstring_examples():
 
     result = doctest.testmod(D, optionflags=doctest.ELLIPSIS)
     assert result.failed == 0 and result.attempted >= 10
+
+
+# ---------------------------------------------------------------------------------------
+# Issue 9 / 10: split directories of triplets, huge ids, unknown loader arguments
+
+
+def test_split_dir_of_triplets_is_read_as_triplets(tmp_path):
+    root = tmp_path / "trip"
+    write(root / "train.txt", "0 5 1\n0 7 1\n3 5 1\n")
+    write(root / "test.txt", "3 7 1\n")
+    with pytest.warns(UserWarning, match=r"train\.txt.*'user item label' triplets.*format="):
+        data = D.load_lightgcn_dir(root)
+    # no fake interaction with item 1, raw ids kept: users 0, 3 -> 0, 1; items 5, 7 -> 0, 1
+    assert (data.num_users, data.num_items) == (2, 2)
+    assert data.user_ids.tolist() == [0, 3] and data.item_ids.tolist() == [5, 7]
+    assert dense(data.train) == [[1, 1], [1, 0]] and dense(data.test) == [[0, 0], [0, 1]]
+    # explicit formats: no warning; 'lightgcn' reads the old way (item 1 is an item)
+    explicit = D.load_dataset(root, format="triplets")
+    assert (explicit.train != data.train).nnz == 0
+    as_lightgcn = D.load_dataset(root, format="lightgcn")
+    assert as_lightgcn.num_items == 8 and as_lightgcn.train[0, 1] == 1
+
+
+def test_split_dir_triplets_with_string_ids_and_errors(tmp_path):
+    root = tmp_path / "s"
+    write(root / "train.txt", "alice x\nbob y\nalice y\n")
+    write(root / "valid.txt", "bob x\n")
+    data = D.load_lightgcn_dir(root, format="triplets")
+    assert data.user_ids.tolist() == ["alice", "bob"] and data.item_ids.tolist() == ["x", "y"]
+    assert dense(data.train) == [[1, 1], [0, 1]] and dense(data.valid) == [[0, 0], [1, 0]]
+    write(root / "test.txt", "bob x 1\nalice y 4\n")
+    with pytest.raises(ValueError, match=r"test\.txt:1: expected 2 fields like line 1 of .*train\.txt"):
+        D.load_lightgcn_dir(root, format="triplets")
+    write(root / "train.txt", "alice x 1\nbob y 5\nalice y 1\n")
+    write(root / "valid.txt", "bob x 1\n")
+    with pytest.raises(ValueError, match=r"train\.txt:2: third column varies \(1 on line 1 of train\.txt, 5 here\)"):
+        D.load_lightgcn_dir(root, format="triplets")
+    with pytest.raises(ValueError, match=r"format must be 'auto', 'lightgcn' or 'triplets', got 'csv'"):
+        D.load_lightgcn_dir(root, format="csv")
+
+
+def test_huge_id_fails_before_allocating_naming_file_and_id(tmp_path):
+    root = tmp_path / "huge"
+    write(root / "train.txt", "0 1 2\n2000000000 3\n")
+    start = time.perf_counter()
+    with pytest.raises(ValueError) as err:
+        D.load_dataset(root, embedding_dim=64)
+    message = str(err.value)
+    assert message.startswith(f"{root / 'train.txt'}:2: user id 2000000000 implies a 2000000001 x 64 float32 table")
+    assert "GB" in message and "available" in message
+    assert time.perf_counter() - start < 5
+    small = D.load_dataset(write(tmp_path / "ok" / "train.txt", "0 1\n1 0\n").parent, embedding_dim=64)
+    assert small.num_users == 2
+
+
+def test_unknown_dataset_argument_names_it_and_the_accepted_ones(tmp_path, lightgcn_dir):
+    with pytest.raises(ValueError) as err:
+        D.load_dataset("synthetic", bogus=1)
+    assert str(err.value).startswith("unknown dataset argument 'bogus' for synthetic; accepted: ")
+    assert "num_users" in str(err.value) and "return_model" not in str(err.value)
+    with pytest.raises(ValueError, match=r"unknown dataset argument 'sep' for .*toy.*accepted: format"):
+        D.load_dataset(lightgcn_dir, sep=",")
+
+
+def test_stats_count_test_only_items(lightgcn_dir):
+    stats = D.load_lightgcn_dir(lightgcn_dir).stats()
+    # items 1, 2 are in test; item 2 is in train, item 1 is in train (user 0): none test-only
+    assert stats["cold_test_items"] == 0 and stats["cold_valid_items"] == 0
+    train = csr([[1, 0, 0]])
+    test = csr([[0, 1, 1]])
+    data = D.InteractionData(1, 3, train, sp.csr_matrix((1, 3), dtype=np.float32), test)
+    assert data.stats()["cold_test_items"] == 2

@@ -79,7 +79,7 @@ def test_version_folder_is_an_integer_renamed_from_a_temporary(trained, tmp_path
     model, popularity = trained
     renames = []
     real_rename = os.rename
-    monkeypatch.setattr(sv.os, "rename", lambda a, b: (renames.append((Path(a), Path(b))), real_rename(a, b)))
+    monkeypatch.setattr(os, "rename", lambda a, b: (renames.append((Path(a), Path(b))), real_rename(a, b)))
     first = export_model(model, tmp_path, "m", k=K, compare_dense=False, warmup=0)
     second = export_model(model, tmp_path, "m", k=K, compare_dense=False, warmup=0)
     assert (first.version, second.version) == (1, 2)
@@ -111,15 +111,15 @@ def test_signatures_tags_dtypes_shapes_and_methods(exports):
         assert len(serve) == 1
         sigs = serve[0].signature_def
         assert set(sv.SIGNATURES) <= set(sigs)
-        expected_outputs = {"serving_default": {"item_ids", "scores"}, "score": {"scores"},
-                            "user_embedding": {"embedding"}, "item_embedding": {"embedding"}}
+        expected_outputs = {"serving_default": {"item_ids", "scores", "known"}, "score": {"scores", "known"},
+                            "user_embedding": {"embedding", "known"}, "item_embedding": {"embedding", "known"}}
         for name in sv.SIGNATURES:
             sig = sigs[name]
             assert sig.method_name == "tensorflow/serving/predict"  # (6)
             assert set(sig.outputs) == expected_outputs[name]
             for info in list(sig.inputs.values()) + list(sig.outputs.values()):  # (4)
                 assert info.dtype != types_pb2.DT_INVALID
-                assert tf.as_dtype(info.dtype) in (tf.int64, tf.float32)
+                assert tf.as_dtype(info.dtype) in (tf.int64, tf.float32, tf.bool)
                 assert not info.tensor_shape.unknown_rank
             for info in sig.inputs.values():
                 assert tf.as_dtype(info.dtype) == tf.int64
@@ -199,7 +199,9 @@ def test_invalid_ids_are_served_not_failed(trained, exports):
             assert (out["item_ids"] == popular).all() and (out["scores"] == 0).all()
             assert (s.run("user_embedding", user_id=bad)["embedding"] == 0).all()
             assert (s.run("item_embedding", item_id=np.array([-5, 10**6]))["embedding"] == 0).all()
-            assert (s.run("score", user_id=np.array([0, -1]), item_id=np.array([-1, 0]))["scores"] == 0).all()
+            pair = s.run("score", user_id=np.array([0, -1, 0]), item_id=np.array([-1, 0, 1]))
+            assert pair["scores"][:2].tolist() == [0, 0] and pair["known"].tolist() == [False, False, True]
+            assert s.run("serving_default", user_id=bad)["known"].tolist() == [False] * 3
             empty = s.run("serving_default", user_id=np.zeros([0], np.int64))
             assert empty["item_ids"].shape == (0, K)
 
@@ -324,7 +326,7 @@ def test_cli_exports_a_run_dir_and_queries_it(tmp_path, capsys):
     assert "curl -d '{\"instances\": [{\"user_id\": 0}" in text and "localhost:8501/v1/models/tiny:predict" in text
     assert "vs dense export" in text and "user_embedding=0.2000" in text and "serving_default(" in text
     assert "    1. item" in text
-    model, _ = load_run(run)
+    model, _, _ = load_run(run)
     want = tf.math.top_k(model.score_all(np.array([0], np.int64)), 5)
     with SessionServable(out / "tiny" / "1") as s:
         got = s.run("serving_default", user_id=[0])

@@ -8,30 +8,31 @@ from hypothesis import strategies as st
 from dsl_tf import masks, selection
 
 
-def _np_prune_grow(mask, w, score, k):
+def _np_prune_grow(mask, w, score, k, exclude_pruned):
     active = np.flatnonzero(mask)
-    inactive = np.flatnonzero(~mask)
     pruned = active[np.argsort(np.abs(w[active]), kind="stable")[:k]]
-    grown = inactive[np.argsort(-np.abs(score[inactive]), kind="stable")[:k]]
     new = mask.copy()
     new[pruned] = False
+    candidates = np.flatnonzero(~(mask if exclude_pruned else new))
+    grown = candidates[np.argsort(-np.abs(score[candidates]), kind="stable")[:k]]
     new[grown] = True
     return new, set(pruned.tolist()), set(grown.tolist())
 
 
-@settings(max_examples=30, deadline=None)
-@given(st.integers(10, 400), st.floats(0.05, 0.95), st.floats(0.0, 1.0), st.integers(0, 2**30))
-def test_prune_smallest_grow_largest_like_numpy(size, sparsity, ratio, seed):
+@settings(max_examples=40, deadline=None)
+@given(st.integers(10, 400), st.floats(0.05, 0.95), st.floats(0.0, 1.0), st.integers(0, 2**30), st.booleans())
+def test_prune_smallest_grow_largest_like_numpy(size, sparsity, ratio, seed, exclude_pruned):
     rng = np.random.default_rng(seed)
     mask = np.zeros(size, bool)
     mask[rng.choice(size, masks.budget(size, sparsity), replace=False)] = True
     w = rng.permutation(size).astype(np.float32) - size / 2  # distinct |w| up to sign ...
     w = np.where(w >= 0, w + 0.25, w)  # ... made distinct in magnitude
     score = rng.permutation(size).astype(np.float32) * rng.choice([-1, 1], size)
-    k = int(selection.num_updates(tf.constant(mask), ratio).numpy())
-    assert k == min(int(np.floor(ratio * mask.sum())), size - mask.sum())
-    new, pruned, grown = selection.prune_and_grow(mask, w, score, k, (seed, 1))
-    ref_new, ref_pruned, ref_grown = _np_prune_grow(mask, w, score, k)
+    k = int(selection.num_updates(tf.constant(mask), ratio, exclude_pruned).numpy())
+    wanted = int(np.floor(ratio * mask.sum()))
+    assert k == (min(wanted, size - mask.sum()) if exclude_pruned else wanted)
+    new, pruned, grown = selection.prune_and_grow(mask, w, score, k, (seed, 1), exclude_pruned)
+    ref_new, ref_pruned, ref_grown = _np_prune_grow(mask, w, score, k, exclude_pruned)
     np.testing.assert_array_equal(new.numpy(), ref_new)
     assert set(pruned.numpy().tolist()) == ref_pruned
     assert set(grown.numpy().tolist()) == ref_grown
@@ -45,8 +46,9 @@ def test_prune_smallest_grow_largest_like_numpy(size, sparsity, ratio, seed):
     ratio=st.floats(0.0, 1.0),
     kind=st.sampled_from(["random", "ties", "zeros", "scoreless"]),
     seed=st.integers(0, 2**30),
+    exclude_pruned=st.booleans(),
 )
-def test_budget_is_exact(rows, dim, sparsity, ratio, kind, seed):
+def test_budget_is_exact(rows, dim, sparsity, ratio, kind, seed, exclude_pruned):
     size = rows * dim
     rng = np.random.default_rng(seed)
     b = masks.budget(size, sparsity)
@@ -58,15 +60,36 @@ def test_budget_is_exact(rows, dim, sparsity, ratio, kind, seed):
         w, s = rng.integers(-2, 3, size).astype(float), rng.integers(-1, 2, size).astype(float)
     else:
         w, s = np.zeros(size), np.zeros(size)
-    k = selection.num_updates(mask, ratio)
+    k = selection.num_updates(mask, ratio, exclude_pruned)
     new, pruned, grown = selection.prune_and_grow(
-        mask, w.astype(np.float32), None if kind == "scoreless" else s.astype(np.float32), k, (seed, 3)
+        mask, w.astype(np.float32), None if kind == "scoreless" else s.astype(np.float32), k, (seed, 3),
+        exclude_pruned,
     )
     assert int(tf.reduce_sum(tf.cast(new, tf.int32))) == b
-    pruned, grown, old = pruned.numpy(), grown.numpy(), mask.numpy()
+    pruned, grown, old, new = pruned.numpy(), grown.numpy(), mask.numpy(), new.numpy()
     assert len(set(pruned)) == len(pruned) == len(grown) == len(set(grown)) == int(k)
-    assert old[pruned].all() and not old[grown].any()  # grown only from previously inactive
-    assert not new.numpy()[pruned].any() and new.numpy()[grown].all()
+    assert old[pruned].all() and new[grown].all()
+    kept = old.copy()
+    kept[pruned] = False
+    assert not kept[grown].any()  # grown only from entries inactive after the prune ...
+    if exclude_pruned:
+        assert not old[grown].any()  # ... and, with exclude_pruned, inactive before it
+    np.testing.assert_array_equal(new, kept | np.isin(np.arange(size), grown))
+
+
+def test_paper_rule_swaps_the_full_ratio_at_low_sparsity():
+    """At s=0.1 the paper's rule swaps floor(ρ·active); excluding the just-pruned caps it."""
+    size, rng = 800, np.random.default_rng(0)
+    mask = selection.random_mask(size, masks.budget(size, 0.1), (0, 0))
+    active = int(tf.math.count_nonzero(mask))
+    assert active == 720
+    assert int(selection.num_updates(mask, 0.497)) == 357
+    assert int(selection.num_updates(mask, 0.497, exclude_pruned=True)) == 80
+    w, s = rng.normal(size=size).astype(np.float32), rng.normal(size=size).astype(np.float32)
+    new, pruned, grown = selection.prune_and_grow(mask, w, s, 357, (0, 1))
+    assert int(tf.math.count_nonzero(new)) == 720
+    regrown = np.intersect1d(pruned.numpy(), grown.numpy())
+    assert len(regrown) > 0  # strongest-scored just-pruned entries come back
 
 
 def test_ties_are_broken_at_random_not_by_index():

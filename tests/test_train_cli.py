@@ -1,6 +1,7 @@
 """trainers/train.py end to end: CLI, run directory, load_run, every method's sparsity and MACs."""
 
 import json
+from pathlib import Path
 import subprocess
 import sys
 
@@ -53,7 +54,8 @@ def test_cli_writes_complete_run_dir_and_load_run_restores_it(tmp_path):
     result = _cli("--model", "two_tower", "--method", "dsl", "--sparsity", "0.8", "--epochs", "2", "--dim", "8",
                   "--batch-size", "128", "--eval-every", "1", "--verbose", "0", "--out", str(out), *TINY_ARGS)
     assert result.returncode == 0, result.stderr[-3000:]
-    for name in ("config.json", "masks.npz", "item_popularity.npy", "summary.json", "weights/ckpt.index"):
+    for name in ("config.json", "masks.npz", "item_popularity.npy", "summary.json", "weights/ckpt.index",
+                 "id_maps.npz"):
         assert (out / name).exists(), name
     assert list((out / "tensorboard").rglob("events.out.tfevents.*"))
     config = json.loads((out / "config.json").read_text())
@@ -64,7 +66,8 @@ def test_cli_writes_complete_run_dir_and_load_run_restores_it(tmp_path):
     assert summary["explorations"] and summary["training_macs"] > 0 and summary["peak_rss_mb"] > 0
     assert set(summary["metrics"]) == {"recall@20", "ndcg@20", "hr@20", "precision@20"}
 
-    model, loaded_config = load_run(out)
+    model, loaded_config, ids = load_run(out)
+    assert ids.user_ids.tolist() == list(range(120))  # synthetic: raw ids are the dense ids
     assert loaded_config == config
     # The restored model reproduces the run's final metrics exactly (same scores).
     from trainers.data import load_dataset
@@ -83,7 +86,7 @@ def test_cli_writes_complete_run_dir_and_load_run_restores_it(tmp_path):
 
 def test_load_run_scores_equal_trained_model(tmp_path):
     model, summary = run_training(_config(tmp_path, "dsl", model="lightgcn", epochs=2))
-    restored, _ = load_run(tmp_path / "dsl")
+    restored, _, _ = load_run(tmp_path / "dsl")
     users = np.arange(20, dtype=np.int64)
     np.testing.assert_array_equal(restored.score_all(users).numpy(), model.score_all(users).numpy())
 
@@ -144,3 +147,88 @@ def test_same_seed_reproduces_the_run(tmp_path, method_runs):
     other, _ = run_training(_config(tmp_path, "dsl", seed=1, overwrite=True))
     assert not np.array_equal(dsl_tf.masked_embeddings(other)[0].mask.numpy(),
                               dsl_tf.masked_embeddings(first)[0].mask.numpy())
+
+
+# ------------------------------------------------------------------ issue 9: never lose a run, id maps
+def _run_files(path):
+    return {p.relative_to(path): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_overwrite_with_bad_data_or_failed_training_keeps_the_old_run(tmp_path, monkeypatch):
+    import trainers.train as T
+
+    out = tmp_path / "run"
+    run_training(_config(tmp_path, "dsl", epochs=1, out=str(out)))
+    before = _run_files(out)
+    # a bad dataset: fails before anything is touched
+    with pytest.raises(FileNotFoundError):
+        run_training(_config(tmp_path, "dsl", epochs=1, out=str(out), overwrite=True, dataset=str(tmp_path / "no")))
+    assert _run_files(out) == before
+    # a failure in the middle of training: the old run is intact, no scratch folder is left
+    def boom(*args, **kwargs):
+        raise RuntimeError("injected failure while writing the run")
+
+    monkeypatch.setattr(T, "_popularity_metrics", boom)
+    with pytest.raises(RuntimeError, match="injected"):
+        run_training(_config(tmp_path, "dsl", epochs=1, out=str(out), overwrite=True))
+    assert _run_files(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    monkeypatch.undo()
+    # a successful overwrite replaces it completely (seed 1: other weights), still no scratch left
+    run_training(_config(tmp_path, "dsl", epochs=1, out=str(out), overwrite=True, seed=1))
+    after = _run_files(out)
+    assert {p for p in after if "tensorboard" not in str(p)} == {p for p in before if "tensorboard" not in str(p)}
+    assert after[Path("masks.npz")] != before[Path("masks.npz")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_stale_scratch_runs_of_dead_processes_are_removed(tmp_path):
+    import os
+    import socket
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = socket.gethostname()
+    stale = tmp_path / f".run.tmp-pid{int(dead.stdout)}-0123abcd-{host}"
+    live = tmp_path / f".run.tmp-pid{os.getpid()}-0123abcd-{host}"
+    stale.mkdir(), live.mkdir()
+    run_training(_config(tmp_path, "dense", epochs=1, out=str(tmp_path / "run")))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "run"])
+
+
+def test_run_dir_keeps_raw_id_maps_and_load_run_returns_them(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    users = [f"u_{k}" for k in rng.choice(1000, 40, replace=False)]
+    items = [int(v) for v in rng.choice(10**6, 60, replace=False)]
+    lines = sorted({f"{u} {items[j]}" for i, u in enumerate(users) for j in rng.choice(60, 8, replace=False)})
+    path = tmp_path / "pairs.txt"
+    path.write_text("\n".join(lines) + "\n" + lines[0] + "\n")  # one duplicate line
+    out = tmp_path / "run"
+    run_training(TrainConfig(model="mf_bpr", dataset=str(path), epochs=1, batch_size=64, dim=4, out=str(out),
+                             verbose=1))
+    printed = capsys.readouterr().out
+    assert "[train] data pairs: 40 users, 60 items" in printed and "1 duplicates removed" in printed
+    assert "0 users without training items" in printed and "test-only items" in printed
+    _, config, ids = load_run(out)
+    assert ids.user_ids.tolist() == sorted(users) and ids.item_ids.tolist() == sorted(items)
+    assert ids.item_ids.dtype == np.int64 and ids.user_ids.dtype.kind == "U"
+    synthetic_ids = load_run(_synthetic_run(tmp_path)).ids
+    assert synthetic_ids.user_ids.tolist() == list(range(120)) and synthetic_ids.item_ids.tolist() == list(range(150))
+
+
+def _synthetic_run(tmp_path):
+    run_training(_config(tmp_path, "dense", epochs=1, out=str(tmp_path / "syn")))
+    return tmp_path / "syn"
+
+
+def test_cli_bad_dataset_arguments_fail_clearly_before_touching_the_run(tmp_path):
+    out = tmp_path / "r"
+    bogus = _cli("--dataset-arg", "bogus=1", "--out", str(out))
+    assert bogus.returncode == 2 and "Traceback" not in bogus.stderr
+    assert "unknown dataset argument 'bogus' for synthetic; accepted: num_users, num_items" in bogus.stderr
+    huge = tmp_path / "huge"
+    huge.mkdir()
+    (huge / "train.txt").write_text("0 1\n2000000000 3\n")
+    result = _cli("--dataset", str(huge), "--model", "mf_bpr", "--out", str(out))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"{huge / 'train.txt'}:2: user id 2000000000 implies a 2000000001 x 64 float32 table" in result.stderr
+    assert not out.exists()

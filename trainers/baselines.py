@@ -4,10 +4,11 @@
 * ``dsl``: :class:`dsl_tf.DynamicSparsity` with gradient growth (the paper).
 * ``rp``: random pruning at initialisation, mask fixed (``growth="none"``).
 * ``set``: SET, magnitude prune + random regrowth (``growth="random"``).
-* ``gmp``: gradual magnitude pruning with TF Model Optimization's
-  ``prune_low_magnitude`` (``PolynomialDecay`` from 0 to s) on plain ``Embedding``
-  tables; the final weights and TFMOT's masks are then copied into the
-  ``MaskedEmbedding`` model (:func:`gmp_to_masked`).
+* ``gmp``: gradual magnitude pruning (Zhu & Gupta 2017) with TF Model Optimization's
+  ``prune_low_magnitude`` on plain ``Embedding`` tables, in three stages
+  (:func:`gmp_schedule`): dense training for the first half, ``PolynomialDecay`` from 0
+  to s until 75 % of training, fine-tuning at s; the final weights and TFMOT's masks
+  are then copied into the ``MaskedEmbedding`` model (:func:`gmp_to_masked`).
 * ``omp``: one-shot magnitude pruning: dense training, then the largest ``|w|`` of each
   table are kept (:func:`omp_prune`, via ``dsl_tf.selection.magnitude_mask``) and the
   model is fine-tuned with the mask fixed.
@@ -19,7 +20,6 @@
 from __future__ import annotations
 
 import dsl_tf
-import numpy as np
 import tensorflow as tf
 import tensorflow_model_optimization as tfmot
 from dsl_tf import masks, selection
@@ -51,20 +51,34 @@ def dynamic_sparsity(
     )
 
 
-def gmp_schedule(sparsity: float, total_steps: int, frequency: int, end_fraction: float
-                 ) -> tfmot.sparsity.keras.PolynomialDecay:
-    """TFMOT ``PolynomialDecay`` 0 → ``sparsity`` from step 0 to ``end_fraction`` of training.
+def gmp_schedule(sparsity: float, total_steps: int, frequency: int, end_fraction: float,
+                 begin_fraction: float = 0.5) -> tfmot.sparsity.keras.PolynomialDecay:
+    """TFMOT ``PolynomialDecay`` 0 → ``sparsity`` from ``begin_fraction`` to ``end_fraction`` of training.
 
-    Masks are updated every ``frequency`` steps; the end step is rounded down to a
-    multiple of ``frequency`` (so the final sparsity is reached exactly) and at least one
-    ``frequency`` before the last step.
+    Masks are updated every ``frequency`` steps; begin and end steps are rounded down to
+    multiples of ``frequency`` (so the final sparsity is reached exactly), the end at
+    least one ``frequency`` after the begin and before the last step.
+
+    The dense start matters: TFMOT zeroes pruned weights after every step, so an entry
+    pruned once never returns, and magnitudes read near initialisation are noise. Pruning
+    from step 0 fixed an almost random mask and scored below popularity on two_tower
+    (docs/BENCHMARKS.md, "GMP baseline check"); the default starts pruning with the same
+    dense half that OMP trains (``omp_dense_fraction``).
+
+    >>> s = gmp_schedule(0.8, total_steps=1000, frequency=50, end_fraction=0.75)
+    >>> s.begin_step, s.end_step, s.frequency
+    (500, 750, 50)
     """
     if not 0.0 < end_fraction <= 1.0:
         raise ValueError(f"gmp end fraction must be in (0, 1], got {end_fraction!r}")
+    if not 0.0 <= begin_fraction < end_fraction:
+        raise ValueError(f"gmp begin fraction must be in [0, end fraction {end_fraction!r}), got {begin_fraction!r}")
     frequency = max(1, min(frequency, total_steps // 2))
-    end = frequency * max(1, min(int(end_fraction * total_steps), total_steps - frequency) // frequency)
+    begin = frequency * int(begin_fraction * total_steps // frequency)
+    last = max(begin + frequency, min(int(end_fraction * total_steps), total_steps - frequency))
+    end = frequency * (last // frequency)
     return tfmot.sparsity.keras.PolynomialDecay(
-        initial_sparsity=0.0, final_sparsity=sparsity, begin_step=0, end_step=end, frequency=frequency)
+        initial_sparsity=0.0, final_sparsity=sparsity, begin_step=begin, end_step=end, frequency=frequency)
 
 
 def gmp_embedding_factory(schedule: tfmot.sparsity.keras.PruningSchedule) -> EmbeddingFactory:
@@ -94,8 +108,8 @@ def mask_variables(model: tf.Module) -> list[tf.Variable]:
 
 def density(mask_vars: list[tf.Variable]) -> float:
     """Fraction of active entries over all ``mask_vars``."""
-    active = tf.add_n([tf.reduce_sum(tf.cast(m, tf.float32)) for m in mask_vars])
-    return float(active) / sum(m.shape.num_elements() for m in mask_vars)
+    active = sum(masks.count_active(m) for m in mask_vars)  # int64: exact beyond 2^24
+    return active / sum(m.shape.num_elements() for m in mask_vars)
 
 
 def model_density(model: tf.Module) -> float:
@@ -108,21 +122,31 @@ def gmp_to_masked(trained: Recommender, target: Recommender) -> None:
 
     Does what ``tfmot.sparsity.keras.strip_pruning`` does (it cannot clone subclassed
     models): re-applies each wrapper's mask to its weights and keeps the inner layer's
-    weights; every trainable variable is copied in order, and each table gets TFMOT's
-    final mask through ``dsl_tf.masks.apply_mask``. Both models must be built.
+    weights. Each table is copied from the wrapper of the same name (not by position:
+    two tables of equal shape could not be told apart) and gets TFMOT's final mask
+    through ``dsl_tf.masks.apply_mask``; the other trainable variables are copied in
+    order. Both models must be built.
     """
     wrappers = {w.layer.name: w for w in pruning_wrappers(trained)}
-    for wrapper in wrappers.values():
-        wrapper.pruning_obj.weight_mask_op()
-    src, dst = trained.trainable_variables, target.trainable_variables
+    tables = dsl_tf.masked_embeddings(target)
+    if sorted(wrappers) != sorted(layer.name for layer in tables):
+        raise ValueError(f"GMP tables {sorted(wrappers)} differ from the target's "
+                         f"{sorted(layer.name for layer in tables)}")
+    src_tables = {w.layer.embeddings.ref() for w in wrappers.values()}
+    dst_tables = {layer.embeddings.ref() for layer in tables}
+    src = [v for v in trained.trainable_variables if v.ref() not in src_tables]
+    dst = [v for v in target.trainable_variables if v.ref() not in dst_tables]
     if [v.shape for v in src] != [v.shape for v in dst]:
         raise ValueError("GMP model and target model have different trainable variables")
     for s, d in zip(src, dst):
         d.assign(s)
-    for layer in dsl_tf.masked_embeddings(target):
-        if layer.name not in wrappers:
-            raise ValueError(f"no TFMOT wrapper for table {layer.name!r}; have {sorted(wrappers)}")
-        (_, mask, _), = wrappers[layer.name].pruning_vars
+    for layer in tables:
+        wrapper = wrappers[layer.name]
+        wrapper.pruning_obj.weight_mask_op()
+        (weights, mask, _), = wrapper.pruning_vars
+        if weights.shape != layer.embeddings.shape:
+            raise ValueError(f"table {layer.name!r}: GMP shape {weights.shape} != target shape {layer.embeddings.shape}")
+        layer.embeddings.assign(weights)
         masks.apply_mask(layer, tf.cast(mask, tf.bool))
 
 
@@ -136,4 +160,5 @@ def omp_prune(model: tf.Module, sparsity: float, seed: int, optimizer=None) -> N
 
 def table_densities(model: tf.Module) -> dict[str, float]:
     """``{table name: fraction of active entries}``."""
-    return {layer.name: float(np.mean(layer.mask.numpy())) for layer in dsl_tf.masked_embeddings(model)}
+    return {layer.name: masks.count_active(layer.mask) / layer.mask.shape.num_elements()
+            for layer in dsl_tf.masked_embeddings(model)}

@@ -25,17 +25,21 @@ Rules shared by every loader (they never return a silently wrong matrix):
   kept in the matrices, reported by ``stats()`` (``cold_valid_users``, ``cold_test_users``)
   and left out of evaluation by :meth:`InteractionData.eval_users` and by
   ``trainers.evaluation`` (nothing can be learned about them).
+* Ids that imply an embedding table larger than the available memory fail before any
+  matrix is built, naming the file, line and id (:func:`check_table_memory`).
+* ``load_dataset`` rejects an argument its loader does not take, naming the accepted ones.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import os
 import re
 import warnings
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, NamedTuple
 
 import numpy as np
 import scipy.sparse as sp
@@ -128,7 +132,8 @@ class InteractionData:
         return dataclasses.replace(self, train=merged, valid=empty)
 
     def stats(self) -> dict:
-        """Summary counts: sizes, density, evaluated and cold users, loader notes."""
+        """Summary counts: sizes, density, evaluated and cold users, items seen only in
+        valid/test (``cold_valid_items``, ``cold_test_items``), loader notes."""
         has_train = self.user_activity() > 0
         out = {
             "name": self.name,
@@ -144,6 +149,10 @@ class InteractionData:
             has_split = np.diff(getattr(self, split).indptr) > 0
             out[f"{split}_users"] = int(np.sum(has_split & has_train))
             out[f"cold_{split}_users"] = int(np.sum(has_split & ~has_train))
+        item_in_train = self.item_popularity() > 0
+        for split in ("valid", "test"):
+            in_split = np.bincount(getattr(self, split).indices, minlength=self.num_items) > 0
+            out[f"cold_{split}_items"] = int(np.sum(in_split & ~item_in_train))
         out.update(self.notes)
         return out
 
@@ -261,12 +270,22 @@ def _token_error(path: Path, raw: bytes, line_breaks: np.ndarray, position: int)
     return ValueError(f"{path}:{index + 1}: bad character {bad!r}")
 
 
-def _read_lightgcn_file(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Parse one LightGCN-format file into ``(declared_users, users, items)`` int64 arrays.
+class _LightGCNFile(NamedTuple):
+    """One parsed LightGCN-format file (int64 arrays; line numbers are 1-based)."""
 
-    ``declared_users`` holds the user of every non-blank line (also lines without items);
-    ``users``/``items`` are the interactions. Vectorised: digits are located and combined
-    into numbers with numpy, no per-token Python work.
+    declared: np.ndarray  # the user of every non-blank line (also lines without items)
+    declared_lines: np.ndarray
+    users: np.ndarray  # one entry per interaction
+    items: np.ndarray
+    item_lines: np.ndarray
+    label: int | None  # the third token when every line has exactly 3 and it is the same everywhere
+
+
+def _read_lightgcn_file(path: Path) -> _LightGCNFile:
+    """Parse one LightGCN-format file.
+
+    Vectorised: digits are located and combined into numbers with numpy, no per-token
+    Python work.
     """
     raw = path.read_bytes()
     buf = np.frombuffer(raw, dtype=np.uint8)
@@ -293,20 +312,109 @@ def _read_lightgcn_file(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]
         raise ValueError(f"{path}:{lines[k] + 1}: id {token} out of range (max {MAX_DENSE_ID})")
     first = np.ones(len(starts), dtype=bool)
     first[1:] = lines[1:] != lines[:-1]
+    first_index = np.flatnonzero(first)
+    tokens_per_line = np.diff(np.append(first_index, len(starts)))
+    label = None
+    if np.all(tokens_per_line == 3) and np.all(values[first_index + 2] == values[2]):
+        label = int(values[2])
     declared = values[first]
-    users = declared[np.cumsum(first) - 1][~first]
-    return declared, users, values[~first]
+    return _LightGCNFile(
+        declared=declared,
+        declared_lines=lines[first] + 1,
+        users=declared[np.cumsum(first) - 1][~first],
+        items=values[~first],
+        item_lines=lines[~first] + 1,
+        label=label,
+    )
 
 
-def load_lightgcn_dir(path: str | os.PathLike) -> InteractionData:
-    """Load a LightGCN-format directory: ``train.txt`` and optional ``valid.txt``, ``test.txt``.
+def available_memory_bytes() -> int:
+    """Memory available to new allocations: ``MemAvailable`` of ``/proc/meminfo`` (Linux),
+    else free physical pages."""
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
-    Each non-blank line is ``user_id item_id item_id ...`` with 0-based dense ids (a line
-    may list no items; the user still counts). ``num_users``/``num_items`` are one more
-    than the largest user/item id in any file. A user on several lines of one file gets
-    the union. Pairs repeated within a split are kept once (``duplicates_removed``); a
-    valid pair already in train, or a test pair already in train or valid, is dropped
-    with a warning (``overlaps_removed``), so the three splits are disjoint.
+
+def check_table_memory(rows: int, dim: int, origin: str, itemsize: int = 4) -> None:
+    """Raise ``ValueError`` when one dense ``rows x dim`` table (``itemsize`` bytes per value)
+    exceeds the available memory; ``origin`` names where ``rows`` came from
+    (``"<file>:<line>: user id N"``).
+
+    >>> check_table_memory(10, 64, "train.txt:1: user id 9")
+    >>> check_table_memory(2 * 10**12, 64, "train.txt:2: user id 1999999999999")
+    Traceback (most recent call last):
+    ...
+    ValueError: train.txt:2: user id 1999999999999 implies a 2000000000000 x 64 float32 table (512000.0 GB) ...
+    """
+    needed = int(rows) * int(dim) * int(itemsize)
+    available = available_memory_bytes()
+    if needed > available:
+        raise ValueError(
+            f"{origin} implies a {rows} x {dim} float{8 * itemsize} table ({needed / 1e9:.1f} GB) but only "
+            f"{available / 1e9:.1f} GB of memory is available; are the ids dense 0-based ids? (for raw ids "
+            "use a triplets file, or format='triplets' for a split directory)"
+        )
+
+
+def _split_matrices(
+    root: Path, pairs: dict[str, tuple[np.ndarray, np.ndarray]], num_users: int, num_items: int
+) -> tuple[dict[str, sp.csr_matrix], dict[str, int]]:
+    """Binary train/valid/test matrices from per-split dense pairs: duplicates within a split
+    are kept once, pairs already in an earlier split are dropped with a warning."""
+    duplicates = overlaps = 0
+    seen = np.zeros(0, dtype=np.int64)  # sorted keys of the earlier splits
+    mats = {}
+    for split in _SPLITS:
+        users, items = pairs[split]
+        keys = _sorted_unique(users * num_items + items)
+        duplicates += len(users) - len(keys)
+        position = np.minimum(np.searchsorted(seen, keys), max(0, len(seen) - 1))
+        overlap = seen[position] == keys if len(seen) else np.zeros(len(keys), dtype=bool)
+        if overlap.any():
+            overlaps += int(overlap.sum())
+            warnings.warn(
+                f"{root / (split + '.txt')}: dropped {int(overlap.sum())} pairs that also occur in an earlier split",
+                stacklevel=3,
+            )
+            keys = keys[~overlap]
+        seen = _sorted_unique(np.concatenate([seen, keys]))
+        mats[split] = _binary_csr(keys // num_items, keys % num_items, num_users, num_items)
+    return mats, {"duplicates_removed": duplicates, "overlaps_removed": overlaps}
+
+
+_SPLIT_FORMATS = ("auto", "lightgcn", "triplets")
+
+
+def load_lightgcn_dir(
+    path: str | os.PathLike, format: str = "auto", embedding_dim: int | None = None
+) -> InteractionData:
+    """Load a split directory: ``train.txt`` and optional ``valid.txt``, ``test.txt``.
+
+    ``format="lightgcn"``: each non-blank line is ``user_id item_id item_id ...`` with
+    0-based dense ids (a line may list no items; the user still counts). ``num_users`` /
+    ``num_items`` are one more than the largest user/item id in any file. A user on several
+    lines of one file gets the union.
+
+    ``format="triplets"``: each non-blank line is ``user item [label]`` with raw ids (any
+    tokens, mapped jointly over the three files like :func:`load_triplets`; the ids are
+    kept in ``user_ids``/``item_ids``); every line is a positive, and a third column must
+    be the same value on every line.
+
+    ``format="auto"`` (default) reads LightGCN lines, unless every line of every file has
+    exactly three tokens with the same third token (``user item 1``): that layout is read
+    as triplets, with a ``UserWarning`` naming the file.
+
+    In both formats, pairs repeated within a split are kept once (``duplicates_removed``);
+    a valid pair already in train, or a test pair already in train or valid, is dropped
+    with a warning (``overlaps_removed``), so the three splits are disjoint. With
+    ``embedding_dim``, LightGCN ids that imply a ``rows x embedding_dim`` float32 table
+    larger than the available memory fail first (:func:`check_table_memory`).
 
     >>> import tempfile, pathlib
     >>> d = pathlib.Path(tempfile.mkdtemp())
@@ -316,44 +424,76 @@ def load_lightgcn_dir(path: str | os.PathLike) -> InteractionData:
     >>> data.train.toarray().tolist(), data.test.nnz
     ([[0.0, 1.0, 1.0], [1.0, 0.0, 0.0]], 2)
     """
+    if format not in _SPLIT_FORMATS:
+        raise ValueError(f"format must be 'auto', 'lightgcn' or 'triplets', got {format!r}")
     root = Path(path)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: not a directory (expected train.txt[, valid.txt, test.txt])")
     if not (root / "train.txt").is_file():
         raise FileNotFoundError(f"{root / 'train.txt'}: no such file")
-    parsed = {}
-    for split in _SPLITS:
-        file = root / f"{split}.txt"
-        if split == "train" or file.exists():
-            parsed[split] = _read_lightgcn_file(file)
-        else:
-            empty = np.zeros(0, dtype=np.int64)
-            parsed[split] = (empty, empty, empty)
-    num_users = 1 + max(int(part.max(initial=-1)) for split in parsed.values() for part in split[:2])
-    num_items = 1 + max(int(split[2].max(initial=-1)) for split in parsed.values())
+    files = [root / f"{split}.txt" for split in _SPLITS if split == "train" or (root / f"{split}.txt").exists()]
+    if format == "triplets":
+        return _load_triplet_dir(root, files)
+    parsed = {file.stem: _read_lightgcn_file(file) for file in files}
+    labels = {p.label for p in parsed.values()}
+    if format == "auto" and len(labels) == 1 and None not in labels:
+        warnings.warn(
+            f"{files[0]}: every line of {', '.join(f.name for f in files)} is 'user item {labels.pop()}': "
+            "read as 'user item label' triplets, not LightGCN lines (pass format='triplets' or "
+            "format='lightgcn' to choose)",
+            UserWarning,
+            stacklevel=2,
+        )
+        return _load_triplet_dir(root, files)
+    empty = np.zeros(0, dtype=np.int64)
+    parts = [parsed.get(split) for split in _SPLITS]
+    num_users = 1 + max(int(p.declared.max(initial=-1)) for p in parts if p is not None)
+    num_items = 1 + max(int(p.items.max(initial=-1)) for p in parts if p is not None)
     if num_items == 0:
         raise ValueError(f"{root / 'train.txt'}:1: no interactions in any file (every line lists only a user)")
-
-    duplicates = overlaps = 0
-    seen = np.zeros(0, dtype=np.int64)  # sorted keys of the earlier splits
-    mats = {}
-    for split in _SPLITS:
-        _, users, items = parsed[split]
-        keys = _sorted_unique(users * num_items + items)
-        duplicates += len(users) - len(keys)
-        position = np.minimum(np.searchsorted(seen, keys), max(0, len(seen) - 1))
-        overlap = seen[position] == keys if len(seen) else np.zeros(len(keys), dtype=bool)
-        if overlap.any():
-            overlaps += int(overlap.sum())
-            warnings.warn(
-                f"{root / (split + '.txt')}: dropped {int(overlap.sum())} pairs that also occur in an earlier split",
-                stacklevel=2,
-            )
-            keys = keys[~overlap]
-        seen = _sorted_unique(np.concatenate([seen, keys]))
-        mats[split] = _binary_csr(keys // num_items, keys % num_items, num_users, num_items)
-    notes = {"duplicates_removed": duplicates, "overlaps_removed": overlaps}
+    if embedding_dim is not None:
+        for what, rows, ids, lines in (("user", num_users, "declared", "declared_lines"),
+                                       ("item", num_items, "items", "item_lines")):
+            split, part = next((s, p) for s, p in parsed.items() if getattr(p, ids).max(initial=-1) == rows - 1)
+            line = int(getattr(part, lines)[np.argmax(getattr(part, ids))])
+            check_table_memory(rows, embedding_dim, f"{root / (split + '.txt')}:{line}: {what} id {rows - 1}")
+    pairs = {split: (empty, empty) if p is None else (p.users, p.items) for split, p in zip(_SPLITS, parts)}
+    mats, notes = _split_matrices(root, pairs, num_users, num_items)
     return InteractionData(num_users, num_items, **mats, name=root.resolve().name, notes=notes)
+
+
+def _load_triplet_dir(root: Path, files: list[Path]) -> InteractionData:
+    """``format="triplets"`` of :func:`load_lightgcn_dir`."""
+    columns, lines = {}, {}
+    for file in files:
+        columns[file.stem], lines[file.stem] = _read_records(file, None, 2, 3, False, "'user item [label]'")
+    train_fields = sum(c is not None for c in columns["train"])
+    label = columns["train"][2]
+    for file in files:
+        cols, numbers = columns[file.stem], lines[file.stem]
+        if sum(c is not None for c in cols) != train_fields:
+            got = file.read_text(encoding="utf-8").split("\n")[numbers[0] - 1].rstrip("\r")
+            raise ValueError(f"{file}:{numbers[0]}: expected {train_fields} fields like line "
+                             f"{lines['train'][0]} of {files[0]}, got {got!r}")
+        if label is not None:
+            differs = np.flatnonzero(cols[2] != label[0])
+            if differs.size:
+                raise ValueError(
+                    f"{file}:{numbers[differs[0]]}: third column varies ({label[0]} on line {lines['train'][0]} of "
+                    f"{files[0].name}, {cols[2][differs[0]]} here); a split directory of triplets lists positives "
+                    "only (use a triplets file with min_rating for ratings)"
+                )
+    splits = [file.stem for file in files]
+    sizes = np.cumsum([0] + [len(columns[s][0]) for s in splits])
+    user_ids, users = _dense_ids(np.concatenate([columns[s][0] for s in splits]))
+    item_ids, items = _dense_ids(np.concatenate([columns[s][1] for s in splits]))
+    empty = np.zeros(0, dtype=np.int64)
+    pairs = {split: (empty, empty) for split in _SPLITS}
+    for k, split in enumerate(splits):
+        pairs[split] = (users[sizes[k] : sizes[k + 1]], items[sizes[k] : sizes[k + 1]])
+    mats, notes = _split_matrices(root, pairs, len(user_ids), len(item_ids))
+    return InteractionData(len(user_ids), len(item_ids), **mats, user_ids=user_ids, item_ids=item_ids,
+                           name=root.resolve().name, notes=notes)
 
 
 # ---------------------------------------------------------------------------------------
@@ -647,36 +787,50 @@ def gowalla_dir() -> Path:
     return Path(__file__).resolve().parents[2] / "shared" / "data" / "gowalla"
 
 
-def load_dataset(spec: str | os.PathLike, **kwargs) -> InteractionData:
+def load_dataset(spec: str | os.PathLike, embedding_dim: int | None = None, **kwargs) -> InteractionData:
     """Load a dataset by name or path; ``kwargs`` go to the chosen loader.
 
     * ``"synthetic"`` -> :func:`synthetic`
     * ``"gowalla"`` -> :func:`load_lightgcn_dir` on :func:`gowalla_dir`
-    * a directory -> :func:`load_lightgcn_dir`
+    * a directory -> :func:`load_lightgcn_dir` (``format="auto"|"lightgcn"|"triplets"``)
     * a file named ``ratings.dat`` -> :func:`load_movielens`
     * any other file -> :func:`load_triplets`
 
+    An argument the chosen loader does not take raises ``ValueError`` naming it and the
+    accepted ones. ``embedding_dim`` (the trainer's table width) makes dense-id loaders
+    check the implied table size against the available memory before building anything.
+
     >>> load_dataset("synthetic", num_users=50, num_items=100).num_items
     100
+    >>> load_dataset("synthetic", bogus=1)
+    Traceback (most recent call last):
+    ...
+    ValueError: unknown dataset argument 'bogus' for synthetic; accepted: num_users, num_items, ...
     """
-    if isinstance(spec, str) and spec == "synthetic":
-        return synthetic(**kwargs)
-    if isinstance(spec, str) and spec == "gowalla":
-        path = gowalla_dir()
-        if not path.is_dir():
+    if isinstance(spec, str) and spec in ("synthetic", "gowalla"):
+        path = gowalla_dir() if spec == "gowalla" else None
+        if path is not None and not path.is_dir():
             raise FileNotFoundError(
                 f"Gowalla data not found at {path}; set DSL_GOWALLA_DIR to the directory with "
                 "train.txt, valid.txt and test.txt"
             )
-        return load_lightgcn_dir(path, **kwargs)
-    path = Path(spec)
-    if not path.exists():
-        raise FileNotFoundError(
-            f"dataset {str(spec)!r}: no such file or directory (expected 'synthetic', 'gowalla', "
-            "a LightGCN-format directory, a MovieLens ratings.dat or a triplets file)"
-        )
-    if path.is_dir():
-        return load_lightgcn_dir(path, **kwargs)
-    if path.name == "ratings.dat":
-        return load_movielens(path, **kwargs)
-    return load_triplets(path, **kwargs)
+    else:
+        path = Path(spec)
+        if not path.exists():
+            raise FileNotFoundError(
+                f"dataset {str(spec)!r}: no such file or directory (expected 'synthetic', 'gowalla', "
+                "a LightGCN-format directory, a MovieLens ratings.dat or a triplets file)"
+            )
+    if path is None:
+        loader, args = synthetic, ()
+    elif path.is_dir():
+        loader, args = load_lightgcn_dir, (path,)
+        kwargs["embedding_dim"] = embedding_dim
+    else:
+        loader, args = (load_movielens if path.name == "ratings.dat" else load_triplets), (path,)
+    accepted = [name for name in list(inspect.signature(loader).parameters)[len(args):]
+                if name not in ("return_model", "embedding_dim")]
+    unknown = [name for name in kwargs if name not in accepted and name != "embedding_dim"]
+    if unknown:
+        raise ValueError(f"unknown dataset argument {unknown[0]!r} for {spec}; accepted: {', '.join(accepted)}")
+    return loader(*args, **kwargs)

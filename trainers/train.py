@@ -16,13 +16,17 @@ Update interval: ``--update-interval`` (ΔT) defaults to ``max(1, total_steps //
 (about 20 explorations per run), the paper's ΔT = 2000–20000 being meant for runs of
 10⁵+ steps. GMP updates its masks every ΔT steps as well.
 
-Run directory ``--out`` (read back by :func:`trainers.runs.load_run`)::
+Run directory ``--out`` (read back by :func:`trainers.runs.load_run`). The config and the
+data are checked first; the run is written to a hidden scratch sibling and renamed to
+``--out`` only when complete, so a failed or interrupted run (with ``--overwrite`` too)
+never leaves a partial directory nor removes the previous run::
 
     config.json          everything needed to rebuild the model (model, sizes, hparams, ...)
     weights/ckpt*        tf.train.Checkpoint(model=model)
     masks.npz            table name -> bool mask
     item_popularity.npy  training interactions per item (int64)
     interactions.npz     the training interactions the model was fit on (scipy csr)
+    id_maps.npz          user_ids / item_ids: the raw id of every dense id (strings or ints)
     tensorboard/         Keras, DynamicSparsity and evaluation scalars
     summary.json         metrics, densities, active parameters, MACs, memory, time,
                          popularity baseline and the DynamicSparsity exploration log
@@ -57,7 +61,7 @@ import scipy.sparse as sp  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import tensorflow_model_optimization as tfmot  # noqa: E402
 
-from trainers import baselines  # noqa: E402
+from trainers import baselines, runs  # noqa: E402
 from trainers.data import load_dataset  # noqa: E402
 from trainers.evaluation import RankingEvaluation, evaluate_full_ranking  # noqa: E402
 from trainers.models import MODELS, Recommender, build_model  # noqa: E402
@@ -121,8 +125,8 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "dim"):
             if getattr(out, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(out, name)}")
-        if out.lr <= 0:
-            raise ValueError(f"lr must be positive, got {out.lr}")
+        if not (np.isfinite(out.lr) and out.lr > 0):
+            raise ValueError(f"lr must be a positive finite number, got {out.lr}")
         if out.update_interval is not None and out.update_interval < 1:
             raise ValueError(f"update_interval must be >= 1, got {out.update_interval}")
         if out.eval_every < 0:
@@ -172,12 +176,28 @@ class MacCounter(tf.keras.callbacks.Callback):
         self._densities = []
 
 
-def _prepare_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"run directory {out} exists and is not empty; pass --overwrite to replace it")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+def _check_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise FileExistsError(f"run directory {out} exists and is not empty; pass --overwrite to replace it")
+
+
+def _prepare_out(out: Path) -> Path:
+    """A fresh scratch sibling of ``out`` to write the run into (scratch siblings left by dead
+    processes are removed first); ``runs.replace_dir`` moves it to ``out`` once complete."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    runs.remove_stale(out.parent, f"{out.name}.")
+    return runs.scratch_dir(out.parent, f"{out.name}.tmp")
+
+
+def _data_line(data) -> str:
+    """The loader's counts, printed at the start of a run."""
+    stats = data.stats()
+    return (f"[train] data {stats['name']}: {stats['num_users']} users, {stats['num_items']} items; "
+            f"train/valid/test {stats['num_train']}/{stats['num_valid']}/{stats['num_test']} interactions; "
+            f"{stats.get('duplicates_removed', 0)} duplicates removed, "
+            f"{stats.get('overlaps_removed', 0)} pairs dropped as already in an earlier split; "
+            f"{stats['users_without_train']} users without training items; "
+            f"{stats['cold_test_items']} test-only items (no training interaction)")
 
 
 def _popularity_metrics(popularity: np.ndarray, train_csr, test_csr) -> dict:
@@ -211,10 +231,24 @@ def run_training(config: TrainConfig | dict) -> tuple[Recommender, dict]:
     cfg = config.resolved()
     start = time.time()
     out = Path(cfg.out)
-    _prepare_out(out, cfg.overwrite)
-    tf.keras.utils.set_random_seed(cfg.seed)
+    _check_out(out, cfg.overwrite)  # config, then data, are validated before anything is written
+    data = load_dataset(cfg.dataset, embedding_dim=cfg.dim, **cfg.dataset_args)
+    if cfg.verbose:
+        print(_data_line(data), flush=True)
+    work = _prepare_out(out)
+    try:
+        model, summary = _train(cfg, data, start, out, work)
+        _check_out(out, cfg.overwrite)  # again: another process may have written it meanwhile
+        runs.replace_dir(work, out)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return model, summary
 
-    data = load_dataset(cfg.dataset, **cfg.dataset_args)
+
+def _train(cfg: TrainConfig, data, start: float, out: Path, work: Path) -> tuple[Recommender, dict]:
+    """The run itself; everything is written into the scratch directory ``work``."""
+    tf.keras.utils.set_random_seed(cfg.seed)
     if cfg.protocol == "test":
         fit_data, eval_csr = data.merged_train_valid(), data.test
     else:
@@ -235,7 +269,7 @@ def run_training(config: TrainConfig | dict) -> tuple[Recommender, dict]:
         model = masked
     model.compile(optimizer=tf.keras.optimizers.Adam(cfg.lr))
 
-    tb_dir = out / "tensorboard"
+    tb_dir = work / "tensorboard"
     examples = model.num_examples(fit_data.train)
     mask_every = schedule.frequency if cfg.method == "gmp" else update_interval
     macs = MacCounter(model.train_cost(cfg.batch_size), examples, steps_per_epoch, mask_every)
@@ -284,7 +318,7 @@ def run_training(config: TrainConfig | dict) -> tuple[Recommender, dict]:
                        if k in METRIC_KEYS},
         "table_density": baselines.table_densities(model),
         "density": density,
-        "active_parameters": int(sum(int(tf.reduce_sum(l.mask)) for l in layers)),
+        "active_parameters": sum(dsl_tf.masks.count_active(l.mask) for l in layers),
         "embedding_parameters": int(sum(l.mask.shape.num_elements() for l in layers)),
         "training_macs": macs.training_macs,
         "inference_macs": inference,
@@ -297,9 +331,9 @@ def run_training(config: TrainConfig | dict) -> tuple[Recommender, dict]:
                     for k in sorted({k for h in history for k in h.history})},
         "explorations": sparsity_cb.explorations if sparsity_cb is not None else [],
     }
-    _write_run(out, cfg, model, fit_data, popularity, update_interval, summary)
+    _write_run(work, cfg, model, fit_data, popularity, update_interval, summary)
     summary["wall_seconds"] = time.time() - start
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+    (work / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
     if cfg.verbose:
         line = ", ".join(f"{k}={v:.4f}" for k, v in summary["metrics"].items())
         pop = summary["popularity"]["recall@20"]
@@ -334,6 +368,7 @@ def _write_run(out: Path, cfg: TrainConfig, model: Recommender, fit_data, popula
     np.savez(out / "masks.npz", **{l.name: l.mask.numpy().astype(bool) for l in dsl_tf.masked_embeddings(model)})
     np.save(out / "item_popularity.npy", popularity.astype(np.int64))
     sp.save_npz(out / "interactions.npz", sp.csr_matrix(fit_data.train))
+    runs.IdMaps.of(fit_data.user_ids, fit_data.item_ids, model.num_users, model.num_items).save(out)
 
 
 # ------------------------------------------------------------------------------- CLI

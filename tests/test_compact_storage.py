@@ -1,0 +1,139 @@
+"""CompactMaskedEmbedding: only the active entries are stored and trained."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import dsl_tf
+from dsl_tf import CompactMaskedEmbedding, DynamicSparsity, MaskedEmbedding, masks
+
+
+def _model(layer_cls, rows=40, dim=8, seed=0, optimizer=None, **kwargs):
+    tf.keras.utils.set_random_seed(seed)
+    init = tf.keras.initializers.RandomUniform(-0.05, 0.05, seed=seed)
+    model = tf.keras.Sequential([
+        tf.keras.Input((2,), dtype="int64"),
+        layer_cls(rows, dim, embeddings_initializer=init, name="table", **kwargs),
+        tf.keras.layers.Flatten(),
+        tf.keras.layers.Dense(1, kernel_initializer=tf.keras.initializers.GlorotUniform(seed=seed)),
+    ])
+    model.compile(optimizer or tf.keras.optimizers.Adam(0.02), "mse")
+    return model
+
+
+def _data(rows=40, n=600, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, rows, (n, 2))
+    return x, (np.sin(x[:, :1]) + np.cos(x[:, 1:])).astype(np.float32)
+
+
+class _CopyInitialValues(tf.keras.callbacks.Callback):
+    """After DynamicSparsity's on_train_begin: give the compact table the dense table's initial values."""
+
+    def __init__(self, layer, dense_initial):
+        super().__init__()
+        self.layer, self.dense_initial = layer, dense_initial
+
+    def on_train_begin(self, logs=None):
+        self.layer.values.assign(tf.gather(tf.reshape(self.dense_initial, [-1]), self.layer.positions()))
+
+
+@pytest.mark.parametrize("growth", ["gradient", "random"])
+def test_compact_and_dense_storage_train_identically(growth):
+    """Same seed, data, Adam and 15 explorations: same masks, same weights (1e-6)."""
+    x, y = _data()
+    kwargs = dict(sparsity=0.75, update_interval=4, initial_update_ratio=0.5, growth=growth, seed=3)
+    dense = _model(MaskedEmbedding)
+    initial = tf.identity(dense.layers[0].embeddings)
+    dense.fit(x, y, batch_size=20, epochs=2, shuffle=False, verbose=0, callbacks=[dsl_d := DynamicSparsity(**kwargs)])
+    compact = _model(CompactMaskedEmbedding, sparsity=0.75, growth_scores="dense" if growth == "gradient" else "none")
+    table = compact.layers[0]
+    compact.fit(x, y, batch_size=20, epochs=2, shuffle=False, verbose=0,
+                callbacks=[dsl_c := DynamicSparsity(**kwargs), _CopyInitialValues(table, initial)])
+    assert len(dsl_d.explorations) == len(dsl_c.explorations) == 14
+    assert [e["dsl_num_swapped"] for e in dsl_d.explorations] == [e["dsl_num_swapped"] for e in dsl_c.explorations]
+    np.testing.assert_array_equal(table.dense_mask().numpy(), dense.layers[0].mask.numpy().astype(bool))
+    np.testing.assert_allclose(table.effective_table().numpy(), dense.layers[0].effective_table().numpy(), atol=1e-6)
+    np.testing.assert_allclose(compact.predict(x[:50], verbose=0), dense.predict(x[:50], verbose=0), atol=1e-5)
+    for c, d in zip(dsl_c.explorations, dsl_d.explorations):
+        assert c["dsl_mask_changed/table"] == pytest.approx(d["dsl_mask_changed/table"])
+
+
+def test_trainable_state_is_only_the_budget():
+    layer = CompactMaskedEmbedding(1000, 64, sparsity=0.8, growth_scores="none")
+    layer.build(None)
+    assert [v.shape for v in layer.trainable_variables] == [tf.TensorShape([12800])]
+    model = tf.keras.Sequential([tf.keras.Input((1,), dtype="int64"), layer])
+    model.compile(dsl_tf.LazyAdam(0.01), "mse")
+    model.fit(np.arange(10)[:, None], np.zeros((10, 1, 64)), verbose=0)
+    slots = masks.optimizer_slots(model.optimizer, layer.values)
+    assert [s.shape for s in slots] == [tf.TensorShape([12800])] * 2
+    state = sum(v.shape.num_elements() * v.dtype.size for v in layer.weights + slots)
+    # values + 2 Adam slots (12 B) + int16 columns (2 B) per active entry, int64 row splits, two flags
+    assert state == 12800 * 14 + 1001 * 8 + 2
+
+
+def test_exploration_keeps_values_and_slots_of_kept_entries_and_resets_grown():
+    x, y = _data()
+    model = _model(CompactMaskedEmbedding, sparsity=0.5)
+    table = model.layers[0]
+    dsl = DynamicSparsity(0.5, update_interval=1000, end_step=10**6)
+    model.fit(x, y, batch_size=20, epochs=1, verbose=0, callbacks=[dsl])
+    before = dict(zip(table.positions().numpy().tolist(), table.values.numpy()))
+    slots = masks.slot_states(model.optimizer, table.values)
+    slot_before = [dict(zip(table.positions().numpy().tolist(), s.numpy())) for s, _ in slots]
+    keep = np.ones(table.budget, bool)
+    keep[[0, 5, 7]] = False
+    free = np.setdiff1d(np.arange(40 * 8), table.positions().numpy())[:3]
+    masks.apply_compact_update(table, keep, free, model.optimizer)
+    after = dict(zip(table.positions().numpy().tolist(), table.values.numpy()))
+    assert sorted(after) == sorted(set(before) - {list(before)[i] for i in (0, 5, 7)} | set(free.tolist()))
+    for pos, value in after.items():
+        assert value == (0.0 if pos in free else before[pos])
+    for (slot, initial), old in zip(slots, slot_before):
+        for pos, value in zip(table.positions().numpy().tolist(), slot.numpy()):
+            assert value == (initial if pos in free else old[pos])
+
+
+def test_gradient_reaches_values_as_indexed_slices_of_the_looked_up_rows():
+    layer = CompactMaskedEmbedding(6, 3, sparsity=0.5)
+    layer.build(None)
+    layer.set_layout(tf.constant([0, 2, 4, 5, 7, 9, 11, 13, 16], tf.int64))
+    with tf.GradientTape() as tape:
+        out = layer(tf.constant([1, 1, 4]))
+        loss = tf.reduce_sum(out * tf.constant([1.0, 2.0, 3.0]))
+    grad = tape.gradient(loss, layer.values)
+    assert isinstance(grad, tf.IndexedSlices)
+    # row 1 holds positions 4, 5 (cols 1, 2) = values 2, 3; row 4 none (12..14 → 13 = col 1: value 7)
+    assert sorted(zip(grad.indices.numpy().tolist(), grad.values.numpy().tolist())) == [
+        (2, 2.0), (2, 2.0), (3, 3.0), (3, 3.0), (7, 2.0)]
+    table = np.zeros(18, np.float32)
+    table[[0, 2, 4, 5, 7, 9, 11, 13, 16]] = layer.values.numpy()
+    np.testing.assert_array_equal(out.numpy(), table.reshape(6, 3)[[1, 1, 4]])
+
+
+def test_budget_mismatch_and_missing_scores_are_clear_errors():
+    x, y = _data()
+    model = _model(CompactMaskedEmbedding, sparsity=0.5)
+    with pytest.raises(ValueError, match=r"'table' stores 160 active entries \(sparsity 0.5\) but DynamicSparsity asks for 64"):
+        model.fit(x, y, verbose=0, callbacks=[DynamicSparsity(0.8, 5)])
+    model = _model(CompactMaskedEmbedding, sparsity=0.5, growth_scores="none")
+    with pytest.raises(ValueError, match="growth='gradient' needs growth scores"):
+        model.fit(x, y, verbose=0, callbacks=[DynamicSparsity(0.5, 5)])
+    with pytest.raises(ValueError, match="element-wise initializer"):
+        CompactMaskedEmbedding(10, 4, embeddings_initializer="glorot_uniform")
+
+
+def test_checkpoint_round_trip_restores_layout_and_values(tmp_path):
+    x, y = _data()
+    model = _model(CompactMaskedEmbedding, sparsity=0.75)
+    model.fit(x, y, batch_size=20, verbose=0, callbacks=[DynamicSparsity(0.75, 5)])
+    tf.train.Checkpoint(model=model).write(str(tmp_path / "ckpt"))
+    other = _model(CompactMaskedEmbedding, sparsity=0.75, seed=1)
+    other.predict(x[:2], verbose=0)
+    tf.train.Checkpoint(model=other).read(str(tmp_path / "ckpt")).assert_existing_objects_matched()
+    np.testing.assert_array_equal(other.layers[0].positions().numpy(), model.layers[0].positions().numpy())
+    np.testing.assert_array_equal(other.predict(x[:20], verbose=0), model.predict(x[:20], verbose=0))
+    config = model.layers[0].get_config()
+    assert config["sparsity"] == 0.75 and config["growth_scores"] == "dense"
+    assert CompactMaskedEmbedding.from_config(config).budget == 80
