@@ -28,7 +28,7 @@ if __package__ in (None, ""):
 
 import dsl_tf  # noqa: E402,F401  (before tf.keras)
 
-from trainers.baselines import METHODS  # noqa: E402
+from trainers.methods import METHODS  # noqa: E402
 from trainers.train import TrainConfig, run_training  # noqa: E402
 
 
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--models", nargs="+", default=["two_tower"])
-    p.add_argument("--methods", nargs="+", default=["dsl", "gmp", "rp", "set"], choices=METHODS[1:],
+    p.add_argument("--methods", nargs="+", default=["dsl", "gmp", "rp", "set"], choices=list(METHODS)[1:],
                    help="sparse methods (dense always runs once per model)")
     p.add_argument("--sparsities", nargs="+", type=float, default=[0.8, 0.5, 0.9])
     p.add_argument("--epochs", nargs="*", default=[], metavar="[MODEL=]N",

@@ -213,8 +213,7 @@ class DynamicSparsity(tf.keras.callbacks.Callback):
             for layer, done, mask in zip(layers, initialized, new):
                 if not done:
                     masks.install_mask(layer, mask, self.model.optimizer)
-                    if layer.growth_scores is not None:
-                        layer.growth_scores.assign(tf.zeros_like(layer.growth_scores))
+                    layer.reset_scores()
         active = [masks.active_count(l) for l in layers]
         if self.budget == "per_layer" and active != self._budgets:
             raise ValueError(
@@ -251,6 +250,7 @@ class DynamicSparsity(tf.keras.callbacks.Callback):
     def on_train_end(self, logs=None):
         for layer in self._layers:
             layer.score_tracking.assign(False)
+            layer.unscale_scores_by(None)  # functions traced from now on (export) need no optimizer
         if self._writer is not None:
             self._writer.flush()
 
@@ -321,10 +321,8 @@ class DynamicSparsity(tf.keras.callbacks.Callback):
         for layer, count, expected in zip(layers, active, self._budgets):
             if self.budget == "per_layer" and count != expected:
                 raise RuntimeError(f"budget broken on {layer.name}: {count} active, expected {expected}")
-            if self.growth == "gradient":
-                layer.growth_scores.assign(tf.zeros_like(layer.growth_scores))
-            elif self.growth == "momentum":
-                layer.growth_scores.assign(layer.growth_scores * self.momentum)
+            if self.growth in ("gradient", "momentum"):
+                layer.reset_scores(self.momentum if self.growth == "momentum" else 0.0)
         if self.budget == "global" and sum(active) != sum(self._budgets):
             raise RuntimeError(f"global budget broken: {sum(active)} active, expected {sum(self._budgets)}")
         for layer, count in zip(layers, active):
@@ -398,9 +396,12 @@ class DynamicSparsity(tf.keras.callbacks.Callback):
         its active values, then a new layout; only ``[budget]`` tensors and row splits
         (plus the dense growth scores, if kept) are read and written."""
         values = tf.convert_to_tensor(layer.values)
-        scores = None
-        if self.growth in ("gradient", "momentum"):
+        dense_scores = self.growth in ("gradient", "momentum") and layer.growth_scores_mode == "dense"
+        scores, candidates = None, None
+        if dense_scores:
             scores = tf.reshape(tf.convert_to_tensor(layer.growth_scores), [-1])
+        elif self.growth == "gradient":
+            candidates, scores = layer.window_scores()
         finite = tf.reduce_all(tf.math.is_finite(values))
         if scores is not None:
             finite = tf.logical_and(finite, tf.reduce_all(tf.math.is_finite(scores)))
@@ -422,9 +423,13 @@ class DynamicSparsity(tf.keras.callbacks.Callback):
                 f"{[layer.name]} could be swapped: exclude_pruned=True caps the swap at the inactive count",
                 RuntimeWarning,
             )
-        positions = layer.positions()
-        keep, grown = selection.prune_and_grow_positions(
-            positions, values, size, scores, num, (self.seed, step * 97 + group), self.exclude_pruned)
+        positions, seed = layer.positions(), (self.seed, step * 97 + group)
+        if dense_scores:
+            keep, grown = selection.prune_and_grow_positions(
+                positions, values, size, scores, num, seed, self.exclude_pruned)
+        else:  # window scores or random growth: nothing of the table's size
+            keep, grown = selection.prune_and_grow_sparse(
+                positions, values, size, candidates, scores, num, seed, self.exclude_pruned)
         masks.apply_compact_update(layer, keep, grown, self.model.optimizer)
         new = layer.positions()
         found = tf.gather(new, tf.minimum(tf.searchsorted(new, positions), active - 1))
@@ -442,10 +447,11 @@ class DynamicSparsity(tf.keras.callbacks.Callback):
                 raise ValueError(
                     f"{layer.name!r} stores {layer.budget} active entries (sparsity {layer.sparsity}) but "
                     f"DynamicSparsity asks for {expected}: give both the same sparsity")
-            if self.growth in ("gradient", "momentum") and layer.growth_scores is None:
+            needs = {"gradient": ("dense", "window"), "momentum": ("dense",)}.get(self.growth)
+            if needs and layer.growth_scores_mode not in needs:
                 raise ValueError(
-                    f"growth={self.growth!r} needs growth scores, but {layer.name!r} was built with "
-                    "growth_scores='none'")
+                    f"growth={self.growth!r} needs growth_scores in {needs}, but {layer.name!r} was built "
+                    f"with growth_scores={layer.growth_scores_mode!r}")
 
 
 def _check_sparsity(value, name: str) -> float:

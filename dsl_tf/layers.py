@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import tensorflow as tf
 
 from dsl_tf._validation import is_integer
@@ -48,6 +47,7 @@ class MaskedEmbedding(tf.keras.layers.Embedding):
     40
     """
 
+    growth_scores_mode = "dense"
     _score_loss_scale = None  # () -> the loss scale dividing tracked gradients; None: 1
     _score_loss_scale_owner = None  # id() of the optimizer ``_score_loss_scale`` reads
 
@@ -104,6 +104,9 @@ class MaskedEmbedding(tf.keras.layers.Embedding):
 
         The scale variable is captured when the training step is traced: returns True if
         the setting changed, in which case the caller must re-create the train function.
+        ``unscale_scores_by(None)`` (at ``on_train_end``) stops capturing it, so that
+        functions traced later (e.g. a SavedModel of a tower without the optimizer) can be
+        saved.
         """
         scaled = isinstance(optimizer, tf.keras.mixed_precision.LossScaleOptimizer)
         owner = id(optimizer) if scaled else None
@@ -119,7 +122,7 @@ class MaskedEmbedding(tf.keras.layers.Embedding):
         The gradient is divided by the loss scale (mixed precision) and dropped when it is
         not finite.
         """
-        scores, tracking, dim = self.growth_scores, self.score_tracking, self.output_dim
+        tracking, dim = self.score_tracking, self.output_dim
         loss_scale = self._score_loss_scale
 
         @tf.custom_gradient
@@ -132,7 +135,7 @@ class MaskedEmbedding(tf.keras.layers.Embedding):
                     flat_ids = tf.reshape(ids, [-1])
 
                     def add():
-                        _local(scores).scatter_add(tf.IndexedSlices(flat_dy, flat_ids))
+                        self._add_scores(flat_dy, flat_ids)
                         return tf.constant(True)
 
                     finite = tf.reduce_all(tf.math.is_finite(flat_dy))
@@ -146,9 +149,21 @@ class MaskedEmbedding(tf.keras.layers.Embedding):
 
         return identity(rows)
 
+    def _add_scores(self, flat_dy: tf.Tensor, flat_ids: tf.Tensor) -> None:
+        """Accumulate one step's row gradients ``[n, dim]`` of rows ``flat_ids``."""
+        _local(self.growth_scores).scatter_add(tf.IndexedSlices(flat_dy, flat_ids))
+
     def effective_table(self) -> tf.Tensor:
         """The whole masked table ``E ⊙ M`` (whole-table work: for export/analysis)."""
         return self.embeddings * self.mask
+
+    def dense_mask(self) -> tf.Tensor:
+        """The table-shaped bool mask, True = active (for export/analysis)."""
+        return tf.cast(self.mask, tf.bool)
+
+    def reset_scores(self, decay: float = 0.0) -> None:
+        """Start a new interval: the growth scores times ``decay`` (0: cleared)."""
+        self.growth_scores.assign(self.growth_scores * decay if decay else tf.zeros_like(self.growth_scores))
 
 
 
@@ -161,7 +176,7 @@ def table_budget(size: int, sparsity: float) -> int:
     return int(math.floor((1.0 - float(sparsity)) * int(size) + 0.5))
 
 
-SCORE_MODES = ("dense", "none")
+SCORE_MODES = ("dense", "window", "none")
 
 
 @tf.keras.utils.register_keras_serializable(package="dsl_tf")
@@ -185,10 +200,17 @@ class CompactMaskedEmbedding(MaskedEmbedding):
     standard TF ops; the gradient reaches ``values`` as ``IndexedSlices`` (use
     :class:`dsl_tf.optimizers.LazyAdam` for an O(batch) optimizer step).
 
-    Growth scores (``growth_scores``): ``"dense"`` keeps the exact float32 accumulator of
-    ``∂L/∂(E ⊙ M)`` over the whole table (as :class:`MaskedEmbedding` does; needed for
-    ``growth="gradient"``/``"momentum"``), ``"none"`` keeps none (for ``growth="random"``
-    or ``"none"``: SET and RP).
+    Growth scores (``growth_scores``):
+
+    * ``"dense"``: the exact float32 accumulator of ``∂L/∂(E ⊙ M)`` over the whole table
+      and interval, as :class:`MaskedEmbedding` keeps (4 bytes per table entry);
+    * ``"window"``: the gradients of the last ``score_capacity`` looked-up rows only (a
+      ring buffer, ``score_capacity × (4 · dim + 8)`` bytes, independent of the table
+      size; default ``max(4096, input_dim // 16)`` rows, at most ``input_dim``). An
+      exploration ranks the inactive entries of those rows by ``|Σ gradient|`` and grows
+      whatever is still due at random among the free entries. Not for ``growth="momentum"``;
+      single replica only (one buffer per layer).
+    * ``"none"``: no scores (``growth="random"`` or ``"none"``: SET and RP).
 
     ``values`` are drawn from ``embeddings_initializer`` with shape ``[budget]``, which
     equals the dense table's distribution for element-wise initializers (the default
@@ -208,7 +230,7 @@ class CompactMaskedEmbedding(MaskedEmbedding):
     storage = "compact"
 
     def __init__(self, input_dim: int, output_dim: int, sparsity: float = 0.8,
-                 growth_scores: str = "dense", **kwargs):
+                 growth_scores: str = "dense", score_capacity: int | None = None, **kwargs):
         super().__init__(input_dim, output_dim, **kwargs)
         if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 < float(sparsity) < 1.0:
             raise ValueError(f"sparsity must be a float in (0, 1), got {sparsity!r}")
@@ -219,16 +241,24 @@ class CompactMaskedEmbedding(MaskedEmbedding):
             raise ValueError(
                 f"embeddings_initializer {initializer} depends on the table's shape; use an element-wise "
                 "initializer (e.g. 'uniform', RandomNormal) with CompactMaskedEmbedding")
+        if score_capacity is not None and (isinstance(score_capacity, bool) or not is_integer(score_capacity)
+                                           or score_capacity < 1):
+            raise ValueError(f"score_capacity must be a positive integer, got {score_capacity!r}")
         self.sparsity = float(sparsity)
         self.growth_scores_mode = growth_scores
+        self.score_capacity = min(self.input_dim, int(score_capacity or max(4096, self.input_dim // 16)))
         self.budget = table_budget(self.input_dim * self.output_dim, self.sparsity)
+        if self.budget >= 2**31:
+            raise ValueError(f"{self.name}: {self.budget} active entries; a compact table holds fewer than 2^31 "
+                             "(split it into several tables)")
         if self.budget < 1:
             raise ValueError(
                 f"{self.name}: sparsity {self.sparsity} leaves no active entry of the "
                 f"{self.input_dim} x {self.output_dim} table")
 
     def get_config(self) -> dict:
-        return {**super().get_config(), "sparsity": self.sparsity, "growth_scores": self.growth_scores_mode}
+        return {**super().get_config(), "sparsity": self.sparsity, "growth_scores": self.growth_scores_mode,
+                "score_capacity": self.score_capacity}
 
     def build(self, input_shape=None):
         rows, dim = self.input_dim, self.output_dim
@@ -238,15 +268,14 @@ class CompactMaskedEmbedding(MaskedEmbedding):
             experimental_autocast=False,
         )
         # Until DynamicSparsity installs a random layout: the first `budget` flat positions.
-        first = np.arange(self.budget, dtype=np.int64)
-        splits = np.searchsorted(first // dim, np.arange(rows + 1), side="left").astype(np.int64)
+        budget = self.budget
         self.row_splits = self.add_weight(
             name="row_splits", shape=(rows + 1,), dtype=tf.int64, trainable=False,
-            initializer=tf.constant_initializer(splits),
+            initializer=lambda shape, dtype: tf.minimum(tf.range(rows + 1, dtype=tf.int64) * dim, budget),
         )
         self.col_ids = self.add_weight(
-            name="col_ids", shape=(self.budget,), dtype=_col_dtype(dim), trainable=False,
-            initializer=tf.constant_initializer(first % dim),
+            name="col_ids", shape=(budget,), dtype=_col_dtype(dim), trainable=False,
+            initializer=lambda shape, dtype: tf.cast(tf.range(budget, dtype=tf.int64) % dim, dtype),
         )
         if self.growth_scores_mode == "dense":
             self.growth_scores = self.add_weight(
@@ -256,6 +285,16 @@ class CompactMaskedEmbedding(MaskedEmbedding):
             )
         else:
             self.growth_scores = None
+        if self.growth_scores_mode == "window":
+            capacity = self.score_capacity
+            self.score_rows = self.add_weight(
+                name="score_rows", shape=(capacity,), dtype=tf.int64, trainable=False,
+                initializer=tf.constant_initializer(-1))
+            self.score_grads = self.add_weight(
+                name="score_grads", shape=(capacity, dim), dtype=tf.float32, trainable=False,
+                initializer="zeros", experimental_autocast=False)
+            self.score_count = self.add_weight(
+                name="score_count", shape=(), dtype=tf.int64, trainable=False, initializer="zeros")
         self.mask_initialized = self.add_weight(
             name="mask_initialized", shape=(), initializer="zeros", trainable=False, dtype=tf.bool)
         self.score_tracking = self.add_weight(
@@ -271,13 +310,42 @@ class CompactMaskedEmbedding(MaskedEmbedding):
         positions = entries.flat_values
         values = tf.gather(self.values, positions)
         cols = tf.cast(tf.gather(self.col_ids, positions), tf.int64)
-        index = tf.stack([entries.value_rowids(), cols], axis=1)
-        rows = tf.scatter_nd(index, values, tf.stack([tf.size(flat, out_type=tf.int64), dim]))
-        if self.growth_scores is not None:
+        # unsorted_segment_sum, not scatter_nd: 1.6x faster forward + backward on CPU
+        slots = entries.value_rowids() * dim + cols
+        rows = tf.reshape(tf.math.unsorted_segment_sum(values, slots, tf.size(flat, out_type=tf.int64) * dim), [-1, dim])
+        if self.growth_scores_mode != "none":
             rows = self._track_growth_scores(rows, flat)
         rows = tf.reshape(rows, tf.concat([tf.shape(ids), [dim]], 0))
         compute_dtype = self._dtype_policy.compute_dtype
         return rows if rows.dtype == compute_dtype else tf.cast(rows, compute_dtype)
+
+    def _add_scores(self, flat_dy: tf.Tensor, flat_ids: tf.Tensor) -> None:
+        if self.growth_scores_mode == "dense":
+            super()._add_scores(flat_dy, flat_ids)
+            return
+        capacity = self.score_capacity  # ring buffer: keep the last `capacity` rows
+        flat_ids, flat_dy = flat_ids[-capacity:], flat_dy[-capacity:]
+        slots = (self.score_count + tf.range(tf.size(flat_ids, out_type=tf.int64))) % capacity
+        self.score_rows.scatter_update(tf.IndexedSlices(tf.cast(flat_ids, tf.int64), slots))
+        self.score_grads.scatter_update(tf.IndexedSlices(flat_dy, slots))
+        self.score_count.assign_add(tf.size(flat_ids, out_type=tf.int64))
+
+    def window_scores(self) -> tuple[tf.Tensor, tf.Tensor]:
+        """``(positions, scores)``: every entry of the rows in the score window, with its
+        gradient summed over the window (``growth_scores="window"``)."""
+        valid = self.score_rows >= 0
+        rows, segment = tf.unique(tf.boolean_mask(self.score_rows, valid))
+        sums = tf.math.unsorted_segment_sum(tf.boolean_mask(self.score_grads, valid), segment, tf.size(rows))
+        positions = rows[:, None] * self.output_dim + tf.range(self.output_dim, dtype=tf.int64)[None, :]
+        return tf.reshape(positions, [-1]), tf.reshape(sums, [-1])
+
+    def reset_scores(self, decay: float = 0.0) -> None:
+        """Start a new interval: scores times ``decay`` (dense) or an empty window."""
+        if self.growth_scores_mode == "dense":
+            super().reset_scores(decay)
+        elif self.growth_scores_mode == "window":
+            self.score_rows.assign(tf.fill([self.score_capacity], tf.constant(-1, tf.int64)))
+            self.score_count.assign(0)
 
     # ---------------------------------------------------------------- layout
     def positions(self) -> tf.Tensor:
@@ -285,13 +353,22 @@ class CompactMaskedEmbedding(MaskedEmbedding):
         rows = tf.ragged.row_splits_to_segment_ids(self.row_splits, out_type=tf.int64)
         return rows * self.output_dim + tf.cast(self.col_ids, tf.int64)
 
-    def set_layout(self, positions: tf.Tensor) -> None:
-        """Install the layout of ``budget`` ascending, distinct flat ``positions``."""
+    def set_layout(self, positions: tf.Tensor) -> tf.Tensor:
+        """Install the layout of ``budget`` distinct flat ``positions`` (any order).
+
+        Returns, for each new value index (ascending flat position), the index of its
+        position in ``positions``: gather values and optimizer slots with it. No sort
+        and no scatter of the budget: ranks come from a bitmap of the table
+        (:class:`PositionBitmap`, 1 bit per entry) and ``tf.math.invert_permutation``
+        (budgets < 2^31 entries per table).
+        """
         positions = tf.cast(positions, tf.int64)
-        rows = positions // self.output_dim
-        counts = tf.math.bincount(rows, minlength=self.input_dim, maxlength=self.input_dim, dtype=tf.int64)
-        self.row_splits.assign(tf.concat([[0], tf.cumsum(counts)], 0))
-        self.col_ids.assign(tf.cast(positions % self.output_dim, self.col_ids.dtype))
+        bitmap = PositionBitmap(self.input_dim * self.output_dim, positions)
+        source = tf.cast(tf.math.invert_permutation(tf.cast(bitmap.rank(positions), tf.int32)), tf.int64)
+        boundaries = tf.range(self.input_dim + 1, dtype=tf.int64) * self.output_dim
+        self.row_splits.assign(bitmap.rank(boundaries))
+        self.col_ids.assign(tf.cast(tf.gather(positions, source) % self.output_dim, self.col_ids.dtype))
+        return source
 
     def dense_mask(self) -> tf.Tensor:
         """The table-shaped bool mask (whole-table work: export/analysis)."""
@@ -304,6 +381,41 @@ class CompactMaskedEmbedding(MaskedEmbedding):
         size = self.input_dim * self.output_dim
         table = tf.scatter_nd(self.positions()[:, None], self.values, [size])
         return tf.reshape(table, [self.input_dim, self.output_dim])
+
+
+class PositionBitmap:
+    """A set of distinct flat positions in ``[0, size)`` as a bitmap of int64 words, with the
+    rank (number of members below a position) in O(1) per query: ``size / 8`` bytes plus
+    one int64 prefix count per 64 entries. Makes compact layouts without sorting.
+
+    >>> bitmap = PositionBitmap(200, tf.constant([3, 64, 150], tf.int64))
+    >>> bitmap.contains(tf.constant([3, 4, 150], tf.int64)).numpy().tolist()
+    [True, False, True]
+    >>> bitmap.rank(tf.constant([0, 4, 64, 65, 200], tf.int64)).numpy().tolist()
+    [0, 1, 1, 2, 3]
+    """
+
+    def __init__(self, size: int, positions: tf.Tensor):
+        positions = tf.cast(positions, tf.int64)
+        words = -(-int(size) // 64)
+        bits = tf.bitwise.left_shift(tf.ones_like(positions), positions % 64)
+        # distinct positions set distinct bits: adding them is OR (no carries)
+        self.words = tf.math.unsorted_segment_sum(bits, positions // 64, words + 1)
+        counts = tf.cast(tf.raw_ops.PopulationCount(x=self.words), tf.int64)
+        self.before = tf.cumsum(counts, exclusive=True)
+
+    def contains(self, queries: tf.Tensor) -> tf.Tensor:
+        queries = tf.cast(queries, tf.int64)
+        word = tf.gather(self.words, queries // 64)
+        return tf.bitwise.bitwise_and(tf.bitwise.right_shift(word, queries % 64), 1) == 1
+
+    def rank(self, queries: tf.Tensor) -> tf.Tensor:
+        """How many members are smaller than each query (the query's index in sorted order)."""
+        queries = tf.cast(queries, tf.int64)
+        word = tf.gather(self.words, queries // 64)
+        below = tf.bitwise.invert(tf.bitwise.left_shift(tf.constant(-1, tf.int64), queries % 64))
+        inside = tf.raw_ops.PopulationCount(x=tf.bitwise.bitwise_and(word, below))
+        return tf.gather(self.before, queries // 64) + tf.cast(inside, tf.int64)
 
 
 _FAN_INITIALIZERS = frozenset({

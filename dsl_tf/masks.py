@@ -206,6 +206,12 @@ def install_mask(layer: MaskedEmbedding, new_mask: tf.Tensor, optimizer=None) ->
         apply_mask(layer, new_mask, optimizer)
         return
     positions = tf.where(tf.reshape(tf.cast(new_mask, tf.bool), [-1]))[:, 0]
+    install_positions(layer, positions)
+
+
+def install_positions(layer: MaskedEmbedding, positions: tf.Tensor) -> None:
+    """A compact layer's first layout: ``budget`` distinct flat positions (any order), e.g.
+    from :func:`dsl_tf.selection.random_positions`; the element-wise drawn values stay."""
     if int(tf.size(positions)) != layer.budget:
         raise ValueError(f"{layer.name}: a mask of {int(tf.size(positions))} active entries does not fit "
                          f"its compact budget of {layer.budget}")
@@ -227,12 +233,10 @@ def apply_compact_update(layer: MaskedEmbedding, keep: tf.Tensor, grown: tf.Tens
     if int(tf.size(kept)) + int(tf.size(grown)) != layer.budget:
         raise ValueError(f"{layer.name}: {int(tf.size(kept))} kept + {int(tf.size(grown))} grown entries "
                          f"do not make its budget of {layer.budget}")
-    new_positions = tf.concat([tf.gather(positions, kept), grown], 0)
-    order = tf.argsort(new_positions)
-    source = tf.gather(tf.concat([kept, -tf.ones_like(grown)], 0), order)  # -1: grown
-    fresh, source = source < 0, tf.maximum(source, 0)
+    source = layer.set_layout(tf.concat([tf.gather(positions, kept), grown], 0))
+    fresh = source >= tf.size(kept, out_type=tf.int64)  # grown entries sit after the kept ones
+    source = tf.gather(kept, tf.minimum(source, tf.size(kept, out_type=tf.int64) - 1))  # index in old values
     layer.values.assign(tf.where(fresh, tf.zeros([], layer.values.dtype), tf.gather(layer.values, source)))
     if optimizer is not None:
         for slot, initial in slot_states(optimizer, layer.values):
             slot.assign(tf.where(fresh, tf.constant(initial, slot.dtype), tf.gather(slot, source)))
-    layer.set_layout(tf.gather(new_positions, order))

@@ -217,13 +217,16 @@ class ServingModule(tf.Module):
     """The exported ``tf.Module``; its four ``tf.function`` s become the signatures.
 
     ``user_ids`` / ``item_ids``: the raw id of every dense id (``None``: raw ids are the
-    dense ids, ``int64``).
+    dense ids, ``int64``). ``seen``: a ``[num_users, num_items]`` scipy CSR matrix of the
+    training interactions; when given, ``serving_default`` never returns an item the user
+    interacted with (stored as CSR ``indptr`` int64 + ``indices`` int32: 4 bytes per
+    interaction; seen items get score ``float32.min`` before the top-k).
     """
 
     def __init__(self, user_tower, item_tower, *, fmt: str = "compact", values: str = "float32",
                  k: int = 20, item_popularity: np.ndarray | None = None,
                  item_matrix: str = "cache", user_ids: np.ndarray | None = None,
-                 item_ids: np.ndarray | None = None):
+                 item_ids: np.ndarray | None = None, seen=None):
         super().__init__(name="dsl_servable")
         if fmt not in FORMATS:
             raise ExportError(f"format must be one of {FORMATS}, got {fmt!r}")
@@ -244,7 +247,7 @@ class ServingModule(tf.Module):
         self.k = int(min(int(k), self.num_items))  # k > num_items: every item, ranked
         self.user_post = _Post(user_post, "user_post")
         self.item_post = _Post(item_post, "item_post")
-        masks = {"user": user_emb.mask.numpy(), "item": item_emb.mask.numpy()}
+        masks = {"user": user_emb.dense_mask().numpy(), "item": item_emb.dense_mask().numpy()}
         if not all(np.isin(m, (0.0, 1.0)).all() for m in masks.values()):
             raise ExportError("masks must be binary")
         self.densities = {
@@ -272,6 +275,13 @@ class ServingModule(tf.Module):
         order = np.argsort(-popularity.astype(np.float64), kind="stable")[: self.k]
         self._popular = tf.constant(order.astype(np.int64))  # the k most popular items (dense ids)
         self.popular_items = self.item_map.raw_ids[order]
+        self.exclude_seen = seen is not None
+        if self.exclude_seen:
+            if seen.shape != (self.num_users, self.num_items):
+                raise ExportError(f"seen has shape {seen.shape}, expected ({self.num_users}, {self.num_items})")
+            seen = seen.tocsr()
+            self.seen_indptr = tf.Variable(seen.indptr.astype(np.int64), trainable=False, name="seen_indptr")
+            self.seen_items = tf.Variable(seen.indices.astype(np.int32), trainable=False, name="seen_items")
         users = tf.TensorSpec([None], self.user_map.dtype, name="user_id")
         items = tf.TensorSpec([None], self.item_map.dtype, name="item_id")
         self.serving_default = tf.function(self._recommend, input_signature=[users])
@@ -303,10 +313,24 @@ class ServingModule(tf.Module):
         users = self.user_map.dense(user_id)
         known = users >= 0
         scores = tf.matmul(self._users(users), self.item_matrix(), transpose_b=True)
+        if self.exclude_seen:
+            scores = self._drop_seen(users, scores)
         top = tf.math.top_k(scores, k=self.k)
         items = tf.where(known[:, None], tf.cast(top.indices, tf.int64), self._popular[None, :])
         return {"item_ids": self.item_map.raw(items),
                 "scores": tf.where(known[:, None], top.values, tf.zeros_like(top.values)), "known": known}
+
+    def _drop_seen(self, users: tf.Tensor, scores: tf.Tensor) -> tf.Tensor:
+        """``scores`` with each (known) user's training items set to ``float32.min``:
+        O(batch's interactions), never the whole interaction matrix."""
+        known = users >= 0
+        safe = tf.where(known, users, tf.zeros_like(users))
+        starts = tf.gather(self.seen_indptr, safe)
+        lengths = tf.where(known, tf.gather(self.seen_indptr, safe + 1) - starts, tf.zeros_like(starts))
+        rows = tf.repeat(tf.range(tf.size(users, out_type=tf.int64)), lengths)
+        items = tf.cast(tf.gather(self.seen_items, tf.ragged.range(starts, starts + lengths).flat_values), tf.int64)
+        low = tf.fill(tf.shape(items), tf.float32.min)
+        return tf.tensor_scatter_nd_update(scores, tf.stack([rows, items], axis=1), low)
 
     def _score(self, user_id, item_id):
         same = tf.debugging.assert_equal(

@@ -22,6 +22,7 @@ from typing import Sequence
 
 import dsl_tf  # noqa: F401  (must precede tf.keras)
 import numpy as np
+import scipy.sparse as sp
 import tensorflow as tf
 
 from export.builder import (F16_UNIT_ROUNDOFF, FORMATS, ITEM_MATRIX, SIGNATURES, VALUES,  # noqa: F401
@@ -115,6 +116,7 @@ def export_model(
     item_popularity: np.ndarray | None = None,
     user_ids: np.ndarray | None = None,
     item_ids: np.ndarray | None = None,
+    seen=None,
     run_info: dict | None = None,
     compare_dense: bool = True,
     warmup: int = 32,
@@ -124,7 +126,9 @@ def export_model(
     ``out/name/<version>/`` and update ``out/models.config``.
 
     ``user_ids`` / ``item_ids``: the raw id of every dense id (strings or integers; ``None``:
-    the dense ids themselves); the servable takes and returns raw ids. The version is written
+    the dense ids themselves); the servable takes and returns raw ids. ``seen`` (a scipy CSR
+    ``[num_users, num_items]`` of training interactions): ``serving_default`` excludes each
+    user's seen items (``--exclude-seen``). The version is written
     to a hidden scratch folder in ``out/name``, checked (ops, signatures, a TF1-session load
     and the warmup replay) and claimed under a lock (:func:`export.versions.claim`): the
     number is chosen at that moment, so concurrent exports never share one, and an existing
@@ -141,7 +145,7 @@ def export_model(
 
     _progress(verbose, f"building the {fmt} servable (values {values}, k={k})")
     kwargs = dict(values=values, k=k, item_popularity=item_popularity, item_matrix=item_matrix,
-                  user_ids=user_ids, item_ids=item_ids)
+                  user_ids=user_ids, item_ids=item_ids, seen=seen)
     module = build_servable(user_tower, item_tower, fmt=fmt, **kwargs)
     created_out, created_model_dir = not out.exists(), not model_dir.exists()
     model_dir.mkdir(parents=True, exist_ok=True)
@@ -155,6 +159,7 @@ def export_model(
             "k": module.k, "num_users": module.num_users, "num_items": module.num_items,
             "dim": module.dim, "densities": module.densities,
             "ids": {"user": module.user_map.describe(), "item": module.item_map.describe()},
+            "exclude_seen": module.exclude_seen,
             "popular_items": module.popular_items.tolist(), "tensorflow_version": tf.__version__,
             "dsl_tf_version": dsl_tf.__version__,
             "unknown_ids": "known=false; zero embedding; score 0; recommendations = most popular items, score 0",
@@ -210,9 +215,12 @@ def export_model(
     )
 
 
-def export_run(run_dir: str | Path, out: str | Path, name: str, verbose: bool = False, **kwargs) -> ExportResult:
+def export_run(run_dir: str | Path, out: str | Path, name: str, verbose: bool = False, exclude_seen: bool = False,
+               **kwargs) -> ExportResult:
     """:func:`export_model` of the model of a run directory (``trainers.runs.load_run``),
-    with the run's raw ids (``id_maps.npz``) and ``item_popularity.npy`` for unknown users."""
+    with the run's raw ids (``id_maps.npz``) and ``item_popularity.npy`` for unknown users;
+    ``exclude_seen``: recommendations skip the run's training interactions
+    (``interactions.npz``)."""
     from trainers.runs import load_run
 
     run = Path(run_dir)
@@ -229,5 +237,6 @@ def export_run(run_dir: str | Path, out: str | Path, name: str, verbose: bool = 
         popularity = np.load(run / "item_popularity.npy")
     info = {"run": run.name, "run_dir": str(run.resolve()),
             **{k: config.get(k) for k in ("model", "method", "sparsity", "dataset", "seed")}}
+    seen = sp.load_npz(run / "interactions.npz").tocsr() if exclude_seen else None
     return export_model(model, out, name, item_popularity=popularity, run_info=info, verbose=verbose,
-                        user_ids=ids.user_ids, item_ids=ids.item_ids, **kwargs)
+                        user_ids=ids.user_ids, item_ids=ids.item_ids, seen=seen, **kwargs)

@@ -10,13 +10,14 @@ Exit status: 0 on success, 2 on bad arguments / unexportable models (nothing wri
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep the CLI output readable
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __name__ == "__main__":  # the CLI loads TensorFlow without start-up log lines (DSL_TF_VERBOSE=1: keep them)
+    from trainers import quiet_tensorflow  # trainers/__init__: loaded by trainers.runs anyway, imports nothing heavy
+
+    quiet_tensorflow()
 
 import dsl_tf  # noqa: E402,F401  (before tf.keras)
 import numpy as np  # noqa: E402
@@ -44,6 +45,9 @@ def parser() -> argparse.ArgumentParser:
                         "(fast requests, default); 'rebuild' rebuilds it per request (least memory)")
     p.add_argument("--k", type=int, default=20, help="items returned by serving_default (default 20)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --version")
+    p.add_argument("--exclude-seen", action="store_true",
+                   help="serving_default never returns a user's training items (the run's interactions are "
+                        "stored in the servable, 4 bytes each)")
     p.add_argument("--no-dense-compare", action="store_true",
                    help="skip writing a temporary dense export to report the size ratio")
     p.add_argument("--query", action="store_true",
@@ -66,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         result = export_run(
             args.run, args.out, name, version=args.version, fmt=args.format, values=args.values,
             item_matrix=args.item_matrix, k=args.k, overwrite=args.overwrite,
-            compare_dense=not args.no_dense_compare, verbose=True,
+            compare_dense=not args.no_dense_compare, exclude_seen=args.exclude_seen, verbose=True,
         )
     except (ExportError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)

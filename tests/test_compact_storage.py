@@ -38,7 +38,7 @@ class _CopyInitialValues(tf.keras.callbacks.Callback):
         self.layer.values.assign(tf.gather(tf.reshape(self.dense_initial, [-1]), self.layer.positions()))
 
 
-@pytest.mark.parametrize("growth", ["gradient", "random"])
+@pytest.mark.parametrize("growth", ["gradient", "momentum"])
 def test_compact_and_dense_storage_train_identically(growth):
     """Same seed, data, Adam and 15 explorations: same masks, same weights (1e-6)."""
     x, y = _data()
@@ -46,7 +46,7 @@ def test_compact_and_dense_storage_train_identically(growth):
     dense = _model(MaskedEmbedding)
     initial = tf.identity(dense.layers[0].embeddings)
     dense.fit(x, y, batch_size=20, epochs=2, shuffle=False, verbose=0, callbacks=[dsl_d := DynamicSparsity(**kwargs)])
-    compact = _model(CompactMaskedEmbedding, sparsity=0.75, growth_scores="dense" if growth == "gradient" else "none")
+    compact = _model(CompactMaskedEmbedding, sparsity=0.75, growth_scores="dense")
     table = compact.layers[0]
     compact.fit(x, y, batch_size=20, epochs=2, shuffle=False, verbose=0,
                 callbacks=[dsl_c := DynamicSparsity(**kwargs), _CopyInitialValues(table, initial)])
@@ -118,7 +118,7 @@ def test_budget_mismatch_and_missing_scores_are_clear_errors():
     with pytest.raises(ValueError, match=r"'table' stores 160 active entries \(sparsity 0.5\) but DynamicSparsity asks for 64"):
         model.fit(x, y, verbose=0, callbacks=[DynamicSparsity(0.8, 5)])
     model = _model(CompactMaskedEmbedding, sparsity=0.5, growth_scores="none")
-    with pytest.raises(ValueError, match="growth='gradient' needs growth scores"):
+    with pytest.raises(ValueError, match=r"growth=.gradient. needs growth_scores in \(.dense., .window.\)"):
         model.fit(x, y, verbose=0, callbacks=[DynamicSparsity(0.5, 5)])
     with pytest.raises(ValueError, match="element-wise initializer"):
         CompactMaskedEmbedding(10, 4, embeddings_initializer="glorot_uniform")
@@ -137,3 +137,44 @@ def test_checkpoint_round_trip_restores_layout_and_values(tmp_path):
     config = model.layers[0].get_config()
     assert config["sparsity"] == 0.75 and config["growth_scores"] == "dense"
     assert CompactMaskedEmbedding.from_config(config).budget == 80
+
+
+@pytest.mark.parametrize("scores, growth", [("window", "gradient"), ("none", "random"), ("none", "none")])
+def test_planted_signal_with_cheap_scores(scores, growth):
+    """Only 2 of 8 coordinates reach the output: window-scored DSL moves > 90% of its budget onto
+    them, SET (magnitude pruning, random regrowth) part of it, RP (static mask) none; budgets stay exact."""
+    rows, dim, signal = 200, 8, [1, 5]
+    head = np.zeros((dim, 1), np.float32)
+    head[signal] = 1.0
+    targets = np.random.default_rng(0).normal(size=(rows, 1)).astype(np.float32) * 2
+    tf.keras.utils.set_random_seed(0)
+    layer = CompactMaskedEmbedding(rows, dim, sparsity=0.75, growth_scores=scores, score_capacity=120,
+                                   embeddings_initializer=tf.keras.initializers.RandomUniform(-0.01, 0.01, seed=0))
+    model = tf.keras.Sequential([tf.keras.Input((1,), dtype="int64"), layer, tf.keras.layers.Flatten(),
+                                 tf.keras.layers.Dense(1, use_bias=False, trainable=False)])
+    model.layers[-1].set_weights([head])
+    model.compile(dsl_tf.LazyAdam(0.05), "mse")
+    dsl = DynamicSparsity(0.75, update_interval=10, initial_update_ratio=0.5, growth=growth, seed=3)
+    x = np.repeat(np.arange(rows), 4)[:, None]
+    model.fit(x, targets[x[:, 0]], batch_size=40, epochs=15, verbose=0, callbacks=[dsl])
+    mask = layer.dense_mask().numpy()
+    assert mask.sum() == layer.budget == 400
+    coverage = mask[:, signal].sum() / mask.sum()
+    expected = {"gradient": (0.9, 1.0), "random": (0.4, 0.9), "none": (0.0, 0.35)}[growth]
+    assert expected[0] < coverage <= expected[1], coverage
+    assert len(dsl.explorations) == 29 and (growth == "none") == (dsl.explorations[0]["dsl_num_swapped"] == 0)
+
+
+def test_window_keeps_the_last_rows_and_sums_repeats():
+    layer = CompactMaskedEmbedding(10, 2, sparsity=0.5, growth_scores="window", score_capacity=4)
+    layer.build(None)
+    layer.score_tracking.assign(True)
+    for ids in ([1, 2, 3], [3, 7, 1]):  # ring of 4: keeps 3 | 3, 7, 1 (the oldest 1, 2 are overwritten)
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(layer(tf.constant(ids)) * tf.constant([1.0, 2.0]))
+        tape.gradient(loss, layer.values)
+    positions, scores = layer.window_scores()
+    got = dict(zip(positions.numpy().tolist(), scores.numpy().tolist()))
+    assert got == {6: 2.0, 7: 4.0, 14: 1.0, 15: 2.0, 2: 1.0, 3: 2.0}
+    layer.reset_scores()
+    assert int(tf.size(layer.window_scores()[0])) == 0

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from dsl_tf import masks
 
@@ -29,9 +30,10 @@ def _check(result: dict) -> None:
             assert np.count_nonzero(table[replicas[0] == 0]) == 0
 
 
-def test_mirrored_strategy_two_logical_cpus(tmp_path):
+@pytest.mark.parametrize("storage", ["dense", "compact"])
+def test_mirrored_strategy_two_logical_cpus(tmp_path, storage):
     out = tmp_path / "m.npz"
-    proc = subprocess.run([sys.executable, str(HERE / "dist_worker.py"), "mirrored", str(out)],
+    proc = subprocess.run([sys.executable, str(HERE / "dist_worker.py"), "mirrored", str(out), storage],
                           env=ENV, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = dict(np.load(out))
@@ -51,13 +53,14 @@ def _free_ports(n: int) -> list[int]:
     return ports
 
 
-def test_multi_worker_mirrored_strategy_two_processes(tmp_path):
+@pytest.mark.parametrize("storage", ["dense", "compact"])
+def test_multi_worker_mirrored_strategy_two_processes(tmp_path, storage):
     workers = [f"127.0.0.1:{p}" for p in _free_ports(2)]
     procs = []
     for index in range(2):
         tf_config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
         procs.append(subprocess.Popen(
-            [sys.executable, str(HERE / "dist_worker.py"), "multiworker", str(tmp_path / f"w{index}.npz")],
+            [sys.executable, str(HERE / "dist_worker.py"), "multiworker", str(tmp_path / f"w{index}.npz"), storage],
             env={**ENV, "TF_CONFIG": json.dumps(tf_config)},
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         ))

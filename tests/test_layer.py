@@ -107,6 +107,7 @@ class _Subclassed(tf.keras.Model):
         return tf.reduce_sum(self.towers[0](x) * self.towers[1](x), axis=[1, 2])[:, None]
 
 
+@pytest.mark.filterwarnings("ignore:DynamicSparsity. this fit runs no exploration")  # a 1-step fit
 @pytest.mark.parametrize("build, count", [(_sequential, 1), (_functional, 1), (_Subclassed, 2)])
 def test_found_in_every_model_kind_and_saved(build, count, tmp_path):
     model = build()

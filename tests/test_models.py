@@ -7,6 +7,7 @@ import tensorflow as tf
 from dsl_tf import masks
 
 from trainers.data import synthetic
+from trainers.methods import compact_factory
 from trainers.models import MODELS, Cost, build_model
 
 SPARSITY = 0.75
@@ -17,14 +18,29 @@ def data():
     return synthetic(num_users=60, num_items=90, dim=4, mean_interactions=10, seed=0)
 
 
-def _fit_dsl(name, data, epochs=2):
+def _fit_dsl(name, data, epochs=2, factory=None, optimizer=None):
     tf.keras.utils.set_random_seed(0)
-    model = build_model(name, data.num_users, data.num_items, dim=8)
+    model = build_model(name, data.num_users, data.num_items, factory, dim=8)
     model.attach(data.train)
-    model.compile(tf.keras.optimizers.Adam(0.01))
+    model.compile(optimizer or tf.keras.optimizers.Adam(0.01))
     callback = dsl_tf.DynamicSparsity(SPARSITY, update_interval=1, seed=0)
     history = model.fit(model.make_dataset(data, 32, seed=0), epochs=epochs, callbacks=[callback], verbose=0)
     return model, callback, history
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_backbone_trains_with_compact_storage_and_lazy_adam(name, data):
+    """Every backbone with CompactMaskedEmbedding tables: exact budget, explores, finite scores."""
+    model, callback, history = _fit_dsl(name, data, factory=compact_factory(SPARSITY, "dense"),
+                                        optimizer=dsl_tf.LazyAdam(0.01))
+    layers = dsl_tf.masked_embeddings(model)
+    assert layers and all(isinstance(layer, dsl_tf.CompactMaskedEmbedding) for layer in layers)
+    for layer in layers:
+        assert masks.active_count(layer) == layer.values.shape[0] == masks.budget(layer.input_dim * layer.output_dim,
+                                                                                  SPARSITY)
+    assert sum(e["dsl_num_swapped"] for e in callback.explorations) > 0
+    assert np.all(np.isfinite(history.history["loss"]))
+    assert np.all(np.isfinite(model.score_all(np.arange(5, dtype=np.int64)).numpy()))
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))

@@ -82,7 +82,7 @@ def test_every_signature_answers_for_the_right_raw_id(exported):
 
 
 def test_unknown_raw_ids_fall_back_and_say_so(exported):
-    kind, (_, _, ids), result = exported
+    kind, (model, _, ids), result = exported
     saved_popularity = np.load(result.metadata["run_dir"] + "/item_popularity.npy")
     popular = ids.item_ids[np.argsort(-saved_popularity, kind="stable")[:K]]
     unknown = np.array(["nope", ids.user_ids[0]]) if kind == "strings" else np.array([-1, ids.user_ids[0]])
@@ -95,7 +95,8 @@ def test_unknown_raw_ids_fall_back_and_say_so(exported):
         assert (out["scores"][0] == 0).all()
         emb = s.run("user_embedding", user_id=unknown)
         assert emb["known"].tolist() == [False, True] and (emb["embedding"][0] == 0).all()
-        assert (emb["embedding"][1] != 0).any()
+        want = tf.cast(model.user_tower(tf.constant([0], tf.int64)), tf.float32).numpy()[0]
+        np.testing.assert_allclose(emb["embedding"][1], want, atol=1e-5)
         bad_item = "nope" if kind == "strings" else int(ids.item_ids.max()) + 1
         pair = s.run("score", user_id=unknown[1:], item_id=np.array([bad_item]))
         assert pair["known"].tolist() == [False] and pair["scores"].tolist() == [0.0]
@@ -123,3 +124,46 @@ def test_metadata_warmup_and_report_use_raw_ids(exported, capsys):
     assert any(v not in known for v in sent)
     first = ids.user_ids[0]
     assert json.dumps(first if kind == "strings" else int(first)) in result.curl()
+
+
+def test_cli_query_takes_a_raw_user_id(exported, capsys):
+    from pathlib import Path
+
+    from export import serve
+
+    kind, (model, _, ids), result = exported
+    dense_user = 3
+    top = tf.math.top_k(model.score_all(np.array([dense_user])), K).indices.numpy()[0]
+    out = result.path.parent.parent.parent / "cli"
+    argv = ["--run", str(Path(result.metadata["run_dir"])), "--out", str(out), "--name", "c", "--k", str(K),
+            "--no-dense-compare", "--query", "--user", str(ids.user_ids[dense_user])]
+    assert serve.main(argv) == 0
+    printed = [line.split()[2] for line in capsys.readouterr().out.splitlines() if ". item " in line]
+    assert printed == [str(v) for v in ids.item_ids[top]]
+    if kind != "strings":
+        assert serve.main(argv[:-1] + ["not-a-number"]) == 2
+
+
+def test_exclude_seen_never_returns_a_training_item(exported, tmp_path):
+    import scipy.sparse as sp
+
+    _, (model, _, ids), result = exported
+    run = result.metadata["run_dir"]
+    seen = sp.load_npz(f"{run}/interactions.npz").tocsr()
+    scores = model.score_all(np.arange(len(ids.user_ids))).numpy()
+    scores[seen.nonzero()] = np.finfo(np.float32).min
+    want = tf.math.top_k(scores, K)
+    excluded = export_run(run, tmp_path, "x", k=K, compare_dense=False, exclude_seen=True)
+    assert excluded.metadata["exclude_seen"] and not result.metadata["exclude_seen"]
+    unknown = ids.user_ids.max() + 1 if ids.user_ids.dtype.kind == "i" else "nope"
+    with SessionServable(excluded.path) as s:
+        out = s.run("serving_default", user_id=ids.user_ids)
+        np.testing.assert_array_equal(_raw(out["item_ids"]), ids.item_ids[want.indices.numpy()])
+        np.testing.assert_allclose(out["scores"], want.values.numpy(), atol=1e-5)
+        returned = want.indices.numpy()
+        assert not any(seen[u, i] for u in range(len(returned)) for i in returned[u])
+        assert s.run("serving_default", user_id=np.array([unknown]))["known"].tolist() == [False]
+    with SessionServable(result.path) as s:  # off by default: training items come back
+        plain = _raw(s.run("serving_default", user_id=ids.user_ids)["item_ids"])
+    dense_of = {v: i for i, v in enumerate(ids.item_ids.tolist())}
+    assert any(seen[u, dense_of[v]] for u in range(len(plain)) for v in plain[u].tolist())

@@ -2,6 +2,7 @@
 
 import numpy as np
 import tensorflow as tf
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -115,3 +116,53 @@ def test_magnitude_mask_keeps_largest():
 def test_budget_rounding():
     assert [masks.budget(1000, s) for s in (0.5, 0.8, 0.9)] == [500, 200, 100]
     assert masks.budget(5, 0.5) == 3 and masks.budget(3, 0.5) == 2
+
+
+def test_random_positions_are_exact_distinct_and_uniform(monkeypatch):
+    monkeypatch.setattr(selection, "CHUNK", 64)  # many chunks on a small table
+    size, count = 1000, 300
+    counts = np.zeros(size)
+    for seed in range(100):
+        pos = selection.random_positions(size, count, (seed, 0)).numpy()
+        assert len(pos) == count == len(set(pos.tolist())) and pos.min() >= 0 and pos.max() < size
+        counts[pos] += 1
+    # every entry has probability 0.3: 100 draws -> mean 30, binomial sd 4.6
+    assert abs(counts.mean() - 30) < 1e-9 and counts.min() > 10 and counts.max() < 50
+    np.testing.assert_array_equal(selection.random_positions(size, count, (7, 0)),
+                                  selection.random_positions(size, count, (7, 0)))
+
+
+def test_random_free_positions_avoid_taken_and_are_distinct():
+    taken = tf.constant(np.arange(0, 1000, 2), tf.int64)  # even positions taken
+    free = selection.random_free_positions(1000, taken, 499, (0, 0)).numpy()
+    assert len(set(free.tolist())) == 499 and np.all(free % 2 == 1)
+    with pytest.raises(ValueError, match="cannot draw 501 free positions: only 500 of 1000 are free"):
+        selection.random_free_positions(1000, taken, 501, (0, 0))
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(20, 300), st.floats(0.1, 0.9), st.floats(0.0, 1.0), st.integers(0, 2**30), st.booleans())
+def test_sparse_growth_ranks_candidates_like_numpy(size, sparsity, ratio, seed, exclude_pruned):
+    """With every entry a candidate, prune_and_grow_sparse chooses what prune_and_grow does."""
+    rng = np.random.default_rng(seed)
+    mask = np.zeros(size, bool)
+    mask[rng.choice(size, masks.budget(size, sparsity), replace=False)] = True
+    w = rng.permutation(size).astype(np.float32) + 0.5
+    score = rng.permutation(size).astype(np.float32)
+    k = int(selection.num_updates(tf.constant(mask), ratio, exclude_pruned).numpy())
+    positions = np.flatnonzero(mask)
+    keep, grown = selection.prune_and_grow_sparse(positions, w[positions], size, np.arange(size), score, k,
+                                                  (seed, 1), exclude_pruned)
+    new, pruned, ref_grown = selection.prune_and_grow(mask, w, score, k, (seed, 1), exclude_pruned)
+    assert set(positions[~keep.numpy()].tolist()) == set(pruned.numpy().tolist())
+    assert set(grown.numpy().tolist()) == set(ref_grown.numpy().tolist())
+
+
+def test_top_k_indices_orders_every_float_like_numpy():
+    keys = np.array([-np.inf, -3.5, -1e-30, -0.0, 0.0, 1e-30, 2.0, 7.25, np.inf, -2.0, 2.0], np.float32)
+    order = np.argsort(-keys, kind="stable")
+    for k in range(1, len(keys) + 1):
+        got = set(selection.top_k_indices(keys, k, (0, k)).numpy().tolist())
+        threshold = np.sort(keys)[::-1][k - 1]
+        assert set(np.flatnonzero(keys > threshold)) <= got and len(got) == k
+        assert all(keys[i] >= threshold for i in got), (k, got, order)

@@ -11,7 +11,7 @@ import pytest
 from dsl_tf import masks
 
 from conftest import REPO
-from trainers.baselines import METHODS
+from trainers.methods import METHODS
 from trainers.evaluation import evaluate_full_ranking
 from trainers.runs import load_run
 from trainers.train import TrainConfig, run_training
@@ -78,7 +78,7 @@ def test_cli_writes_complete_run_dir_and_load_run_restores_it(tmp_path):
         assert metrics[key] == pytest.approx(value, abs=1e-12)
     saved = np.load(out / "masks.npz")
     for layer in dsl_tf.masked_embeddings(model):
-        assert int(saved[layer.name].sum()) == masks.budget(layer.mask.shape.num_elements(), 0.8)
+        assert int(saved[layer.name].sum()) == masks.budget(layer.input_dim * layer.output_dim, 0.8)
 
     again = _cli("--epochs", "1", "--out", str(out), *TINY_ARGS)
     assert again.returncode == 2 and "--overwrite" in again.stderr
@@ -108,13 +108,17 @@ def method_runs(tmp_path_factory):
 def test_method_reaches_final_sparsity(method, method_runs):
     model, summary = method_runs[method]
     layers = dsl_tf.masked_embeddings(model)
+    compact = method in ("dsl", "rp", "set")  # the default storage of DynamicSparsity methods
     for layer in layers:
-        active = int(layer.mask.numpy().sum())
-        size = layer.mask.shape.num_elements()
+        assert isinstance(layer, dsl_tf.CompactMaskedEmbedding) == compact
+        mask = layer.dense_mask().numpy()
+        size = mask.size
         expected = size if method == "dense" else masks.budget(size, SPARSITY)
-        assert active == expected, (layer.name, active, expected)
-        assert np.all(layer.embeddings.numpy()[layer.mask.numpy() == 0] == 0.0)
-    assert summary["active_parameters"] == sum(int(l.mask.numpy().sum()) for l in layers)
+        assert int(mask.sum()) == expected, (layer.name, int(mask.sum()), expected)
+        assert np.all(layer.effective_table().numpy()[~mask] == 0.0)
+        if compact:
+            assert layer.values.shape == [expected]
+    assert summary["active_parameters"] == sum(int(l.dense_mask().numpy().sum()) for l in layers)
     assert summary["metrics"]["recall@20"] > 0
 
 
@@ -127,7 +131,7 @@ def test_training_macs_follow_density(method_runs):
     assert macs["omp"] == pytest.approx(0.5 * 1 + 0.5 * density, rel=1e-6)  # 2 dense + 2 sparse epochs
     assert density < macs["gmp"] < 1.0
     inference = {m: run[1]["inference_macs"] for m, run in method_runs.items()}
-    for method in METHODS[1:]:
+    for method in list(METHODS)[1:]:
         assert inference[method] == pytest.approx(density * inference["dense"], rel=1e-6)
 
 
@@ -142,11 +146,11 @@ def test_same_seed_reproduces_the_run(tmp_path, method_runs):
     again, again_summary = run_training(_config(tmp_path, "dsl"))
     assert again_summary["metrics"] == first_summary["metrics"]
     for a, b in zip(dsl_tf.masked_embeddings(first), dsl_tf.masked_embeddings(again)):
-        np.testing.assert_array_equal(a.mask.numpy(), b.mask.numpy())
-        np.testing.assert_array_equal(a.embeddings.numpy(), b.embeddings.numpy())
+        np.testing.assert_array_equal(a.dense_mask().numpy(), b.dense_mask().numpy())
+        np.testing.assert_array_equal(a.effective_table().numpy(), b.effective_table().numpy())
     other, _ = run_training(_config(tmp_path, "dsl", seed=1, overwrite=True))
-    assert not np.array_equal(dsl_tf.masked_embeddings(other)[0].mask.numpy(),
-                              dsl_tf.masked_embeddings(first)[0].mask.numpy())
+    assert not np.array_equal(dsl_tf.masked_embeddings(other)[0].dense_mask().numpy(),
+                              dsl_tf.masked_embeddings(first)[0].dense_mask().numpy())
 
 
 # ------------------------------------------------------------------ issue 9: never lose a run, id maps
@@ -232,3 +236,16 @@ def test_cli_bad_dataset_arguments_fail_clearly_before_touching_the_run(tmp_path
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert f"{huge / 'train.txt'}:2: user id 2000000000 implies a 2000000001 x 64 float32 table" in result.stderr
     assert not out.exists()
+
+
+def test_every_flag_reaches_the_config():
+    """--storage/--optimizer/--growth-scores were parsed but dropped once: every flag must land in TrainConfig."""
+    from trainers.train import config_from_args
+
+    cfg = config_from_args(["--storage", "dense", "--optimizer", "lazy_adam", "--growth-scores", "window",
+                            "--sparsity", "0.6", "--epochs", "3", "--hparam", "temperature=0.1",
+                            "--dataset-arg", "num_users=50", "--gmp-end-fraction", "0.5", "--seed", "4"])
+    assert (cfg.storage, cfg.optimizer, cfg.growth_scores, cfg.sparsity, cfg.epochs, cfg.seed) == (
+        "dense", "lazy_adam", "window", 0.6, 3, 4)
+    assert cfg.hparams == {"temperature": 0.1} and cfg.dataset_args == {"num_users": 50}
+    assert cfg.gmp_end_fraction == 0.5

@@ -13,8 +13,7 @@
   table are kept (:func:`omp_prune`, via ``dsl_tf.selection.magnitude_mask``) and the
   model is fine-tuned with the mask fixed.
 
->>> METHODS
-('dense', 'dsl', 'rp', 'set', 'gmp', 'omp')
+Each method is one object in :mod:`trainers.methods`; this module holds their pieces.
 """
 
 from __future__ import annotations
@@ -28,28 +27,6 @@ from tensorflow_model_optimization.python.core.sparsity.keras.pruning_wrapper im
 )
 
 from trainers.models import EmbeddingFactory, Recommender
-
-METHODS = ("dense", "dsl", "rp", "set", "gmp", "omp")
-_GROWTH = {"dsl": "gradient", "rp": "none", "set": "random"}
-
-
-def dynamic_sparsity(
-    method: str,
-    sparsity: float,
-    update_interval: int,
-    initial_update_ratio: float,
-    decay: str,
-    seed: int,
-    log_dir: str | None = None,
-) -> dsl_tf.DynamicSparsity:
-    """The ``DynamicSparsity`` callback of ``method`` in ``("dsl", "rp", "set")``."""
-    if method not in _GROWTH:
-        raise ValueError(f"method {method!r} has no DynamicSparsity callback; one of {sorted(_GROWTH)}")
-    return dsl_tf.DynamicSparsity(
-        sparsity=sparsity, update_interval=update_interval, initial_update_ratio=initial_update_ratio,
-        decay=decay, growth=_GROWTH[method], seed=seed, log_dir=log_dir,
-    )
-
 
 def gmp_schedule(sparsity: float, total_steps: int, frequency: int, end_fraction: float,
                  begin_fraction: float = 0.5) -> tfmot.sparsity.keras.PolynomialDecay:
@@ -98,23 +75,20 @@ def pruning_wrappers(model: tf.Module) -> list:
 
 
 def mask_variables(model: tf.Module) -> list[tf.Variable]:
-    """The mask variables of all ``MaskedEmbedding`` tables, or else of all TFMOT wrappers."""
-    found = [layer.mask for layer in dsl_tf.masked_embeddings(model)]
-    found = found or [mask for w in pruning_wrappers(model) for _, mask, _ in w.pruning_vars]
-    if not found:
-        raise ValueError("model has neither MaskedEmbedding tables nor TFMOT pruning wrappers")
-    return found
-
-
-def density(mask_vars: list[tf.Variable]) -> float:
-    """Fraction of active entries over all ``mask_vars``."""
-    active = sum(masks.count_active(m) for m in mask_vars)  # int64: exact beyond 2^24
-    return active / sum(m.shape.num_elements() for m in mask_vars)
+    """The mask variables of all TFMOT ``PruneLowMagnitude`` wrappers of ``model``."""
+    return [mask for w in pruning_wrappers(model) for _, mask, _ in w.pruning_vars]
 
 
 def model_density(model: tf.Module) -> float:
-    """Active / total entries over all masked (or TFMOT-pruned) embedding tables."""
-    return density(mask_variables(model))
+    """Active / total entries over all masked (either storage) or TFMOT-pruned embedding tables."""
+    layers = dsl_tf.masked_embeddings(model)
+    if layers:
+        active = sum(masks.active_count(layer) for layer in layers)  # int64: exact beyond 2^24
+        return active / sum(layer.input_dim * layer.output_dim for layer in layers)
+    found = mask_variables(model)
+    if not found:
+        raise ValueError("model has neither MaskedEmbedding tables nor TFMOT pruning wrappers")
+    return sum(masks.count_active(m) for m in found) / sum(m.shape.num_elements() for m in found)
 
 
 def gmp_to_masked(trained: Recommender, target: Recommender) -> None:
@@ -160,5 +134,5 @@ def omp_prune(model: tf.Module, sparsity: float, seed: int, optimizer=None) -> N
 
 def table_densities(model: tf.Module) -> dict[str, float]:
     """``{table name: fraction of active entries}``."""
-    return {layer.name: masks.count_active(layer.mask) / layer.mask.shape.num_elements()
+    return {layer.name: masks.active_count(layer) / (layer.input_dim * layer.output_dim)
             for layer in dsl_tf.masked_embeddings(model)}

@@ -23,6 +23,7 @@ TensorShape([2, 20])
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import types
 from typing import Callable, ClassVar
 
@@ -64,6 +65,43 @@ class Cost:
 def masked_embedding(input_dim: int, output_dim: int, **kwargs) -> tf.keras.layers.Layer:
     """The default embedding factory: a :class:`dsl_tf.MaskedEmbedding`."""
     return dsl_tf.MaskedEmbedding(input_dim, output_dim, **kwargs)
+
+
+def step_keyed_batches(
+    columns: dict[str, np.ndarray], batch_size: int, seed: int, model: tf.keras.Model
+) -> tf.data.Dataset:
+    """Batches of the rows of ``columns``, one pass per iteration, reshuffled every pass.
+
+    A pass's order is a stateless permutation keyed by ``(seed, model.optimizer.iterations)``
+    read when the pass starts, not by how many passes this dataset object has made (as
+    ``shuffle(reshuffle_each_iteration=True)`` does): the epochs of a ``fit`` start at
+    different steps, so they get different orders, and an epoch replayed after
+    ``tf.keras.callbacks.BackupAndRestore`` restored the step gets the order it had in the
+    uninterrupted run. Until ``model`` is compiled (the dataset trains another model), passes
+    are keyed by their count instead. The cardinality is known: ``ceil(rows / batch_size)``.
+    """
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    rows = len(next(iter(columns.values())))
+    steps = -(-rows // batch_size)
+    tensors = {name: tf.constant(values) for name, values in columns.items()}
+    passes = itertools.count(1)
+
+    def key() -> np.int64:
+        optimizer = getattr(model, "optimizer", None)
+        return np.int64(optimizer.iterations.numpy() if optimizer is not None else -next(passes))
+
+    def order(_):
+        step = tf.reshape(tf.py_function(key, [], tf.int64), [])
+        return tf.random.experimental.stateless_shuffle(
+            tf.range(rows, dtype=tf.int64), tf.stack([tf.constant(seed, tf.int64), step]))
+
+    def batches(perm):
+        return tf.data.Dataset.range(steps).map(lambda b: {
+            name: tf.gather(t, perm[b * batch_size:(b + 1) * batch_size]) for name, t in tensors.items()})
+
+    ds = tf.data.Dataset.from_tensors(0).map(order).flat_map(batches)
+    return ds.apply(tf.data.experimental.assert_cardinality(steps)).prefetch(tf.data.AUTOTUNE)
 
 
 class Recommender(tfrs.models.Model):
@@ -145,10 +183,17 @@ class Recommender(tfrs.models.Model):
             raise ValueError(f"{type(self).__name__} needs model.attach(train_csr) first")
 
     def make_dataset(self, data, batch_size: int, seed: int) -> tf.data.Dataset:
-        """Training batches: ``{"user_id", "item_id"}`` pairs (one pass over train pairs)."""
-        return data.as_dataset(batch_size, shuffle=True, seed=seed)
+        """Training batches: ``{"user_id", "item_id"}`` pairs (one pass over train pairs).
 
-    def num_examples(self, train: sp.csr_matrix) -> int:
+        Reshuffled every epoch, each epoch's order a function of ``(seed, training step)``:
+        an interrupted ``fit`` resumed with ``BackupAndRestore`` sees the same batches as an
+        uninterrupted one (see :func:`step_keyed_batches`).
+        """
+        users, items = data.train_pairs()
+        return step_keyed_batches({"user_id": users, "item_id": items}, batch_size, seed, self)
+
+    @staticmethod
+    def num_examples(train: sp.csr_matrix) -> int:
         """Training examples per epoch (interactions; users for autoencoders)."""
         return int(train.nnz)
 
@@ -477,10 +522,10 @@ class _Autoencoder(Recommender):
 
     def make_dataset(self, data, batch_size: int, seed: int) -> tf.data.Dataset:
         users = np.flatnonzero(np.diff(data.train.indptr) > 0).astype(np.int64)
-        ds = tf.data.Dataset.from_tensor_slices({"user_id": users})
-        return ds.shuffle(len(users), seed=seed, reshuffle_each_iteration=True).batch(batch_size)
+        return step_keyed_batches({"user_id": users}, batch_size, seed, self)
 
-    def num_examples(self, train: sp.csr_matrix) -> int:
+    @staticmethod
+    def num_examples(train: sp.csr_matrix) -> int:
         return int(np.count_nonzero(np.diff(train.indptr)))
 
     def _encode_history(self, users: tf.Tensor, dropout: float, training: bool, normalize: bool):

@@ -92,7 +92,12 @@ def load_run(run_dir: str | Path) -> LoadedRun:
     if (len(ids.user_ids), len(ids.item_ids)) != (config["num_users"], config["num_items"]):
         raise ValueError(f"{run / ID_MAPS}: {len(ids.user_ids)} users / {len(ids.item_ids)} items, config.json says "
                          f"{config['num_users']} / {config['num_items']}")
-    model = build_model(config["model"], config["num_users"], config["num_items"], **config["hparams"])
+    factory = None
+    if config.get("storage") == "compact":
+        from trainers.methods import compact_factory
+
+        factory = compact_factory(config["sparsity"], config["growth_scores"])
+    model = build_model(config["model"], config["num_users"], config["num_items"], factory, **config["hparams"])
     model.attach(sp.load_npz(run / "interactions.npz").tocsr())
     model.score_all(np.zeros([1], np.int64))  # create every variable before restoring
     try:
@@ -101,7 +106,7 @@ def load_run(run_dir: str | Path) -> LoadedRun:
         raise ValueError(f"checkpoint of {run} does not match a rebuilt {config['model']!r} model: {err}") from err
     saved = np.load(run / "masks.npz")
     for layer in dsl_tf.masked_embeddings(model):
-        if not np.array_equal(layer.mask.numpy().astype(bool), saved[layer.name]):
+        if not np.array_equal(layer.dense_mask().numpy(), saved[layer.name]):
             raise ValueError(f"{run}: restored mask of {layer.name!r} differs from masks.npz")
     return LoadedRun(model, config, ids)
 
