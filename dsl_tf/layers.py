@@ -425,7 +425,10 @@ _FAN_INITIALIZERS = frozenset({
 
 
 def _col_dtype(dim: int) -> tf.DType:
-    return tf.int16 if dim < 2**15 else tf.int32
+    """int16 column ids (2 bytes per active entry), except where they cannot be: dims of 2^15
+    and more, and MultiWorkerMirroredStrategy, whose collectives have no int16 kernels."""
+    multi_worker = isinstance(tf.distribute.get_strategy(), tf.distribute.MultiWorkerMirroredStrategy)
+    return tf.int32 if dim >= 2**15 or multi_worker else tf.int16
 
 
 def _local(variable: tf.Variable) -> tf.Variable:

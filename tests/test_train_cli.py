@@ -249,3 +249,19 @@ def test_every_flag_reaches_the_config():
         "dense", "lazy_adam", "window", 0.6, 3, 4)
     assert cfg.hparams == {"temperature": 0.1} and cfg.dataset_args == {"num_users": 50}
     assert cfg.gmp_end_fraction == 0.5
+
+
+def test_summary_breaks_every_epoch_down(method_runs):
+    """Issue 15: each epoch's wall time = steps + explorations + other, recorded per run."""
+    for method in ("dense", "dsl", "omp"):
+        summary = method_runs[method][1]
+        epochs, total = summary["time"]["epochs"], summary["time"]["total"]
+        assert [e["epoch"] for e in epochs] == list(range(summary["history"]["loss"].__len__()))
+        assert sum(e["steps"] for e in epochs) == summary["steps"]
+        for e in epochs:
+            assert 0 < e["step_seconds"] < e["wall_seconds"]
+            assert e["other_seconds"] == pytest.approx(e["wall_seconds"] - e["step_seconds"] - e["exploration_seconds"])
+        explored = sum(x["dsl_seconds"] for x in summary["explorations"])
+        assert total["exploration_seconds"] == pytest.approx(explored)
+        assert (explored > 0) == (method == "dsl")
+        assert total["wall_over_steps"] >= 1.0 and total["final_evaluation_seconds"] > 0

@@ -196,6 +196,59 @@ class MacCounter(tf.keras.callbacks.Callback):
         self._densities = []
 
 
+class EpochTimer(tf.keras.callbacks.Callback):
+    """Wall seconds of every epoch and of its training steps (first in the callback list).
+
+    A step runs from this callback's ``on_train_batch_begin`` to its ``on_train_batch_end``,
+    which Keras calls before the other callbacks' (so a ``DynamicSparsity`` exploration is
+    not in it); an epoch runs from one ``on_epoch_begin`` to the next (or to
+    ``on_train_end``), so whatever happens between two epochs (other callbacks'
+    ``on_epoch_end``, evaluation, TensorBoard, the dataset iterator's teardown and
+    creation) is counted in it. :func:`time_breakdown` adds explorations and the rest.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.epochs: list[dict] = []
+        self._epoch: dict | None = None
+        self._batch_start = 0.0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._close()
+        self._epoch = {"epoch": epoch, "start": time.perf_counter(), "steps": 0, "step_seconds": 0.0,
+                       "first_step": int(self.model.optimizer.iterations.numpy())}
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._batch_start = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._epoch["step_seconds"] += time.perf_counter() - self._batch_start
+        self._epoch["steps"] += 1
+
+    def on_train_end(self, logs=None):
+        self._close()
+
+    def _close(self) -> None:
+        if self._epoch is not None:
+            self._epoch["wall_seconds"] = time.perf_counter() - self._epoch.pop("start")
+            self.epochs.append(self._epoch)
+            self._epoch = None
+
+
+def time_breakdown(epochs: list[dict], explorations: list[dict]) -> dict:
+    """Per epoch and in total: wall = steps + explorations + other (seconds)."""
+    rows = []
+    for epoch in epochs:
+        last = epoch["first_step"] + epoch["steps"]
+        explored = sum(e["dsl_seconds"] for e in explorations if epoch["first_step"] < e["dsl_step"] <= last)
+        rows.append({**epoch, "exploration_seconds": explored,
+                     "other_seconds": epoch["wall_seconds"] - epoch["step_seconds"] - explored})
+    total = {key: sum(r[key] for r in rows) for key in
+             ("wall_seconds", "step_seconds", "exploration_seconds", "other_seconds")}
+    total["wall_over_steps"] = total["wall_seconds"] / max(total["step_seconds"], 1e-9)
+    return {"epochs": rows, "total": total}
+
+
 class EpochTensorBoard(tf.keras.callbacks.TensorBoard):
     """``TensorBoard`` writing epoch scalars only (``update_freq="epoch"``, no profiling).
 
@@ -308,7 +361,8 @@ def _train(cfg: TrainConfig, data, start: float, out: Path, work: Path) -> tuple
     if int(dataset.cardinality()) != steps_per_epoch:
         raise RuntimeError(f"{cfg.model} makes {int(dataset.cardinality())} batches, expected {steps_per_epoch}")
     macs = MacCounter(model.train_cost(cfg.batch_size), examples, steps_per_epoch, method.mask_update_every(ctx))
-    callbacks: list = [macs, EpochTensorBoard(str(tb_dir))]
+    timer = EpochTimer()
+    callbacks: list = [timer, macs, EpochTensorBoard(str(tb_dir))]
     if cfg.eval_every:
         callbacks.append(RankingEvaluation(model.scorer, fit_data.train, eval_csr, every_n_epochs=cfg.eval_every,
                                            prefix=f"{cfg.protocol}_", log_dir=str(tb_dir / "eval")))
@@ -316,8 +370,11 @@ def _train(cfg: TrainConfig, data, start: float, out: Path, work: Path) -> tuple
     fit = functools.partial(model.fit, x=dataset, verbose=cfg.verbose)
     model, history, sparsity_cb = method.fit(model, ctx, fit, callbacks)
     train_seconds = time.time() - fit_start
+    timing = time_breakdown(timer.epochs, sparsity_cb.explorations if sparsity_cb is not None else [])
+    eval_start = time.time()
 
     metrics = evaluate_full_ranking(model.scorer(), fit_data.train, eval_csr)
+    timing["total"]["final_evaluation_seconds"] = time.time() - eval_start
     popularity = fit_data.item_popularity()
     density = baselines.model_density(model)
     layers = dsl_tf.masked_embeddings(model)
@@ -341,6 +398,7 @@ def _train(cfg: TrainConfig, data, start: float, out: Path, work: Path) -> tuple
         "inference_macs_per_user": model.inference_cost().macs(1, 0, density),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
         "train_seconds": train_seconds,
+        "time": timing,
         "steps": cfg.epochs * steps_per_epoch,
         "update_interval": update_interval,
         "history": {k: [float(v) for h in history for v in h.history.get(k, [])]
@@ -355,6 +413,10 @@ def _train(cfg: TrainConfig, data, start: float, out: Path, work: Path) -> tuple
         pop = summary["popularity"]["recall@20"]
         print(f"[train] {cfg.model}/{cfg.method} s={summary['sparsity']}: {line} (popularity recall@20={pop:.4f}); "
               f"density={density:.4f}; {summary['wall_seconds']:.1f}s -> {out}")
+        t = timing["total"]
+        print(f"[train] time: {len(timing['epochs'])} epochs {t['wall_seconds']:.1f}s = steps {t['step_seconds']:.1f}s "
+              f"+ explorations {t['exploration_seconds']:.1f}s + other {t['other_seconds']:.1f}s "
+              f"(epoch wall / steps {t['wall_over_steps']:.2f}); final evaluation {t['final_evaluation_seconds']:.1f}s")
     return model, summary
 
 
