@@ -46,6 +46,7 @@ __all__ = [
     "compact_nbytes",
     "decode",
     "encode",
+    "from_layer",
     "lookup",
 ]
 
@@ -92,6 +93,49 @@ def compact_nbytes(rows: int, dim: int, nnz: int, values_dtype: DTypeLike = "flo
         )
     itemsize = _values_dtype(values_dtype).itemsize
     return rows * (-(-dim // 8)) + nnz * itemsize + (rows + 1) * _offsets_dtype(nnz).itemsize
+
+
+def _cast_values(active: np.ndarray, vdtype: np.dtype) -> np.ndarray:
+    """``active`` as ``vdtype``; ValueError if a finite value overflows float16."""
+    with np.errstate(over="ignore"):  # overflow is reported below
+        values = active.astype(vdtype)
+    if vdtype != np.float32:
+        overflow = np.isinf(values) & np.isfinite(active)
+        if overflow.any():
+            worst = float(np.abs(active[overflow]).max())
+            raise ValueError(
+                f"{int(overflow.sum())} active values overflow {vdtype} (max |x| = {worst:g}); "
+                "use values_dtype='float32'"
+            )
+    return values
+
+
+def from_layer(layer, values_dtype: DTypeLike = "float32") -> CompactTable:
+    """The :class:`CompactTable` of a trained ``MaskedEmbedding`` or ``CompactMaskedEmbedding``.
+
+    A compact layer is converted straight from its training layout (values in row-major
+    order, CSR row splits, column ids): O(active entries + rows · dim / 8) memory, the
+    whole table is never made. A dense-mask layer goes through :func:`encode`.
+
+    >>> import dsl_tf
+    >>> layer = dsl_tf.CompactMaskedEmbedding(4, 3, sparsity=0.5)
+    >>> layer.build(None)
+    >>> ct = from_layer(layer)
+    >>> ct.nnz, ct.row_offsets.tolist()
+    (6, [0, 3, 6, 6, 6])
+    """
+    if getattr(layer, "storage", "dense") != "compact":
+        return encode(layer.effective_table().numpy(), layer.dense_mask().numpy(), values_dtype)
+    rows, dim = layer.input_dim, layer.output_dim
+    splits = layer.row_splits.numpy()
+    cols = layer.col_ids.numpy().astype(np.int64)
+    row_of = np.repeat(np.arange(rows, dtype=np.int64), np.diff(splits))
+    width = -(-dim // 8)
+    byte = row_of * width + cols // 8
+    bits = np.bincount(byte, weights=np.left_shift(1, cols % 8), minlength=rows * width)  # distinct bits: sum = OR
+    values = _cast_values(layer.values.numpy().astype(np.float32), _values_dtype(values_dtype))
+    return CompactTable(bitmask=bits.astype(np.uint8).reshape(rows, width), values=values,
+                        row_offsets=splits.astype(_offsets_dtype(values.shape[0])), rows=rows, dim=dim)
 
 
 @dataclasses.dataclass(frozen=True, eq=False, repr=False)
@@ -230,17 +274,7 @@ def encode(
             if not np.all(is_one | (mask == 0)):
                 raise ValueError("mask must contain only 0 and 1")
             mask = is_one
-    active = table[mask]  # row-major (C) order
-    with np.errstate(over="ignore"):  # overflow is reported below
-        values = active.astype(vdtype)
-    if vdtype != np.float32:
-        overflow = np.isinf(values) & np.isfinite(active)
-        if overflow.any():
-            worst = float(np.abs(active[overflow]).max())
-            raise ValueError(
-                f"{int(overflow.sum())} active values overflow {vdtype} (max |x| = {worst:g}); "
-                "use values_dtype='float32'"
-            )
+    values = _cast_values(table[mask], vdtype)  # row-major (C) order
     counts = mask.sum(axis=1, dtype=np.int64)
     row_offsets = np.zeros(rows + 1, dtype=_offsets_dtype(values.shape[0]))
     np.cumsum(counts, out=row_offsets[1:])

@@ -41,7 +41,7 @@ import dsl_tf  # noqa: F401  (must precede tf.keras)
 import numpy as np
 import tensorflow as tf
 
-from dsl_tf import compact
+from dsl_tf import compact, masks
 
 FORMATS = ("compact", "dense")
 ITEM_MATRIX = ("cache", "rebuild")
@@ -247,27 +247,20 @@ class ServingModule(tf.Module):
         self.k = int(min(int(k), self.num_items))  # k > num_items: every item, ranked
         self.user_post = _Post(user_post, "user_post")
         self.item_post = _Post(item_post, "item_post")
-        masks = {"user": user_emb.dense_mask().numpy(), "item": item_emb.dense_mask().numpy()}
-        if not all(np.isin(m, (0.0, 1.0)).all() for m in masks.values()):
-            raise ExportError("masks must be binary")
-        self.densities = {
-            user_emb.name: float(masks["user"].mean()),
-            item_emb.name: float(masks["item"].mean()),
-        }
+        self.densities = {emb.name: masks.active_count(emb) / (emb.input_dim * emb.output_dim)
+                          for emb in (user_emb, item_emb)}
         self.table_names = {"user": user_emb.name, "item": item_emb.name}
-        user_table = user_emb.effective_table().numpy()
-        item_table = item_emb.effective_table().numpy()
-        self.dim = int(user_table.shape[1])
-        if fmt == "compact":
-            self.user_table = _CompactTable(compact.encode(user_table, masks["user"], values), "user")
-            self.item_table = _CompactTable(compact.encode(item_table, masks["item"], values), "item")
+        self.dim = int(user_emb.output_dim)
+        if fmt == "compact":  # compact tables are encoded from their training layout, never densified
+            self.user_table = _CompactTable(compact.from_layer(user_emb, values), "user")
+            self.item_table = _CompactTable(compact.from_layer(item_emb, values), "item")
             if item_matrix == "cache":
                 self.item_cache = _LoadTimeMatrix(
                     lambda: self.item_post(self.item_table.full()), self.num_items, self.dim
                 )
         else:
-            self.user_table = _DenseTable(user_table, values, "user")
-            final_items = self.item_post(tf.constant(item_table)).numpy()
+            self.user_table = _DenseTable(user_emb.effective_table().numpy(), values, "user")
+            final_items = self.item_post(item_emb.effective_table()).numpy()
             self.item_table = _DenseTable(final_items, values, "item_matrix")
         popularity = np.zeros(self.num_items) if item_popularity is None else np.asarray(item_popularity)
         if popularity.shape != (self.num_items,):

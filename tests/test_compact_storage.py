@@ -178,3 +178,20 @@ def test_window_keeps_the_last_rows_and_sums_repeats():
     assert got == {6: 2.0, 7: 4.0, 14: 1.0, 15: 2.0, 2: 1.0, 3: 2.0}
     layer.reset_scores()
     assert int(tf.size(layer.window_scores()[0])) == 0
+
+
+def test_export_format_straight_from_the_training_layout(monkeypatch):
+    """compact.from_layer == encode(E ⊙ M, M) bit for bit, without ever building the whole table."""
+    from dsl_tf import compact
+
+    x, y = _data()
+    model = _model(CompactMaskedEmbedding, sparsity=0.75)
+    model.fit(x, y, batch_size=20, verbose=0, callbacks=[DynamicSparsity(0.75, 5)])
+    table = model.layers[0]
+    reference = compact.encode(table.effective_table().numpy(), table.dense_mask().numpy(), "float16")
+    monkeypatch.setattr(CompactMaskedEmbedding, "effective_table", lambda self: pytest.fail("densified"))
+    monkeypatch.setattr(CompactMaskedEmbedding, "dense_mask", lambda self: pytest.fail("densified"))
+    got = compact.from_layer(table, "float16")
+    np.testing.assert_array_equal(got.bitmask, reference.bitmask)
+    np.testing.assert_array_equal(got.values, reference.values)
+    np.testing.assert_array_equal(got.row_offsets, reference.row_offsets)
