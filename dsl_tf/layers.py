@@ -6,7 +6,7 @@ import math
 
 import tensorflow as tf
 
-from dsl_tf._validation import is_integer
+from dsl_tf._validation import is_integer, is_real, to_float
 
 _ON_READ = tf.VariableSynchronization.ON_READ
 
@@ -232,7 +232,7 @@ class CompactMaskedEmbedding(MaskedEmbedding):
     def __init__(self, input_dim: int, output_dim: int, sparsity: float = 0.8,
                  growth_scores: str = "dense", score_capacity: int | None = None, **kwargs):
         super().__init__(input_dim, output_dim, **kwargs)
-        if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 < float(sparsity) < 1.0:
+        if not (is_real(sparsity) and 0.0 < to_float(sparsity) < 1.0):
             raise ValueError(f"sparsity must be a float in (0, 1), got {sparsity!r}")
         if growth_scores not in SCORE_MODES:
             raise ValueError(f"growth_scores must be one of {SCORE_MODES}, got {growth_scores!r}")
@@ -241,10 +241,9 @@ class CompactMaskedEmbedding(MaskedEmbedding):
             raise ValueError(
                 f"embeddings_initializer {initializer} depends on the table's shape; use an element-wise "
                 "initializer (e.g. 'uniform', RandomNormal) with CompactMaskedEmbedding")
-        if score_capacity is not None and (isinstance(score_capacity, bool) or not is_integer(score_capacity)
-                                           or score_capacity < 1):
+        if score_capacity is not None and not (is_integer(score_capacity) and score_capacity >= 1):
             raise ValueError(f"score_capacity must be a positive integer, got {score_capacity!r}")
-        self.sparsity = float(sparsity)
+        self.sparsity = to_float(sparsity)
         self.growth_scores_mode = growth_scores
         self.score_capacity = min(self.input_dim, int(score_capacity or max(4096, self.input_dim // 16)))
         self.budget = table_budget(self.input_dim * self.output_dim, self.sparsity)

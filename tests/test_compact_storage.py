@@ -195,3 +195,15 @@ def test_export_format_straight_from_the_training_layout(monkeypatch):
     np.testing.assert_array_equal(got.bitmask, reference.bitmask)
     np.testing.assert_array_equal(got.values, reference.values)
     np.testing.assert_array_equal(got.row_offsets, reference.row_offsets)
+
+
+def test_numpy_scalars_and_bad_arguments():
+    layer = CompactMaskedEmbedding(np.int64(15), 2, sparsity=np.float32(0.9), score_capacity=np.int64(3))
+    assert layer.sparsity == 0.9 and layer.budget == 3 and layer.score_capacity == 3
+    for bad in ("0.8", True, 1.0, 0.0):
+        with pytest.raises(ValueError, match="sparsity must be a float in"):
+            CompactMaskedEmbedding(10, 2, sparsity=bad)
+    with pytest.raises(ValueError, match="growth_scores must be one of"):
+        CompactMaskedEmbedding(10, 2, growth_scores="exact")
+    with pytest.raises(ValueError, match="score_capacity must be a positive integer, got 0"):
+        CompactMaskedEmbedding(10, 2, score_capacity=0)
