@@ -6,7 +6,6 @@ import time
 import warnings
 from typing import Mapping
 
-import numpy as np
 import tensorflow as tf
 
 from dsl_tf import masks, selection
@@ -207,12 +206,12 @@ class DynamicSparsity(tf.keras.callbacks.Callback):
                         "budget='global' needs all masked layers uninitialised or all "
                         f"initialised, got {dict(zip([l.name for l in layers], initialized))}"
                     )
-                new = masks.initial_masks(sizes, masks.budget(sum(sizes), self.sparsity), self.seed)
+                new = masks.initial_positions(sizes, masks.budget(sum(sizes), self.sparsity), self.seed)
             else:
-                new = masks.initial_masks(sizes, self._budgets, self.seed)
-            for layer, done, mask in zip(layers, initialized, new):
+                new = masks.initial_positions(sizes, self._budgets, self.seed)
+            for layer, done, positions in zip(layers, initialized, new):
                 if not done:
-                    masks.install_mask(layer, mask, self.model.optimizer)
+                    masks.install_positions(layer, positions, self.model.optimizer)
                     layer.reset_scores()
         active = [masks.active_count(l) for l in layers]
         if self.budget == "per_layer" and active != self._budgets:
@@ -357,27 +356,10 @@ class DynamicSparsity(tf.keras.callbacks.Callback):
         scores = None
         if self.growth in ("gradient", "momentum"):
             scores = tf.concat([tf.reshape(tf.convert_to_tensor(l.growth_scores), [-1]) for l in layers], 0)
-        finite = tf.reduce_all(tf.math.is_finite(weights))
-        if scores is not None:
-            finite = tf.logical_and(finite, tf.reduce_all(tf.math.is_finite(scores)))
         names = [l.name for l in layers]
-        if not bool(finite.numpy()):
-            warnings.warn(
-                f"DynamicSparsity: NaN/Inf in the weights or growth scores of {names} at step "
-                f"{step}; skipping their mask update (the budget is unchanged).",
-                RuntimeWarning,
-            )
+        if not self._ready(names, step, weights, scores):
             return 0, {name: 0.0 for name in names}
-        if self.growth == "none":
-            return 0, {name: 0.0 for name in names}
-        num = int(selection.num_updates(mask, ratio, self.exclude_pruned).numpy())
-        wanted = int(selection.num_updates(mask, ratio).numpy())
-        if num < wanted:
-            warnings.warn(
-                f"DynamicSparsity: at step {step} only {num} of the {wanted} entries due (rho={ratio:.4f}) of "
-                f"{names} could be swapped: exclude_pruned=True caps the swap at the inactive count",
-                RuntimeWarning,
-            )
+        num = self._swap_count(masks.count_active(mask), int(mask.shape[0]), ratio, step, names)
         new_mask, _, grown = selection.prune_and_grow(
             mask, weights, scores, num, (self.seed, step * 97 + group), self.exclude_pruned)
         regrown = tf.logical_and(mask, selection.scatter_flags(tf.size(mask), grown))  # just pruned, grown again
@@ -402,27 +384,10 @@ class DynamicSparsity(tf.keras.callbacks.Callback):
             scores = tf.reshape(tf.convert_to_tensor(layer.growth_scores), [-1])
         elif self.growth == "gradient":
             candidates, scores = layer.window_scores()
-        finite = tf.reduce_all(tf.math.is_finite(values))
-        if scores is not None:
-            finite = tf.logical_and(finite, tf.reduce_all(tf.math.is_finite(scores)))
-        if not bool(finite.numpy()):
-            warnings.warn(
-                f"DynamicSparsity: NaN/Inf in the weights or growth scores of {[layer.name]} at step "
-                f"{step}; skipping their mask update (the budget is unchanged).",
-                RuntimeWarning,
-            )
-            return 0, {layer.name: 0.0}
-        if self.growth == "none":
+        if not self._ready([layer.name], step, values, scores):
             return 0, {layer.name: 0.0}
         size, active = layer.input_dim * layer.output_dim, layer.budget
-        wanted = int(np.floor(ratio * active))
-        num = min(wanted, size - active) if self.exclude_pruned else wanted
-        if num < wanted:
-            warnings.warn(
-                f"DynamicSparsity: at step {step} only {num} of the {wanted} entries due (rho={ratio:.4f}) of "
-                f"{[layer.name]} could be swapped: exclude_pruned=True caps the swap at the inactive count",
-                RuntimeWarning,
-            )
+        num = self._swap_count(active, size, ratio, step, [layer.name])
         positions, seed = layer.positions(), (self.seed, step * 97 + group)
         if dense_scores:
             keep, grown = selection.prune_and_grow_positions(
@@ -435,6 +400,33 @@ class DynamicSparsity(tf.keras.callbacks.Callback):
         found = tf.gather(new, tf.minimum(tf.searchsorted(new, positions), active - 1))
         moved = int(tf.math.count_nonzero(found != positions, dtype=tf.int64))  # left the layout
         return num, {layer.name: 2 * moved / size}
+
+    def _ready(self, names: list[str], step: int, weights: tf.Tensor, scores: tf.Tensor | None) -> bool:
+        """Whether the tables of ``names`` explore now: growth on, weights and scores finite
+        (a ``RuntimeWarning`` otherwise; the budget is unchanged)."""
+        finite = tf.reduce_all(tf.math.is_finite(weights))
+        if scores is not None:
+            finite = tf.logical_and(finite, tf.reduce_all(tf.math.is_finite(scores)))
+        if not bool(finite.numpy()):
+            warnings.warn(
+                f"DynamicSparsity: NaN/Inf in the weights or growth scores of {names} at step "
+                f"{step}; skipping their mask update (the budget is unchanged).",
+                RuntimeWarning,
+            )
+            return False
+        return self.growth != "none"
+
+    def _swap_count(self, active: int, size: int, ratio: float, step: int, names: list[str]) -> int:
+        """:func:`dsl_tf.selection.swap_count`, warning when ``exclude_pruned`` caps it."""
+        num = selection.swap_count(active, size, ratio, self.exclude_pruned)
+        wanted = selection.swap_count(active, size, ratio)
+        if num < wanted:
+            warnings.warn(
+                f"DynamicSparsity: at step {step} only {num} of the {wanted} entries due (rho={ratio:.4f}) of "
+                f"{names} could be swapped: exclude_pruned=True caps the swap at the inactive count",
+                RuntimeWarning,
+            )
+        return num
 
     def _check_compact(self, layers: list[MaskedEmbedding]) -> None:
         """Compact tables have their budget in their shape: it must be the requested one."""

@@ -166,7 +166,6 @@ class MaskedEmbedding(tf.keras.layers.Embedding):
         self.growth_scores.assign(self.growth_scores * decay if decay else tf.zeros_like(self.growth_scores))
 
 
-
 def table_budget(size: int, sparsity: float) -> int:
     """Active entries kept at ``sparsity``: ``round((1 − s) · size)``, halves rounded up.
 
@@ -196,7 +195,7 @@ class CompactMaskedEmbedding(MaskedEmbedding):
 
     Values are ordered by flat position ``row · output_dim + col``, so the layout is
     shardable by row ranges. The forward pass gathers the looked-up rows' values and
-    scatters them into dense ``[batch, output_dim]`` rows: O(batch × active per row),
+    sums them into dense ``[batch, output_dim]`` rows: O(batch × active per row),
     standard TF ops; the gradient reaches ``values`` as ``IndexedSlices`` (use
     :class:`dsl_tf.optimizers.LazyAdam` for an O(batch) optimizer step).
 
@@ -371,14 +370,12 @@ class CompactMaskedEmbedding(MaskedEmbedding):
 
     def dense_mask(self) -> tf.Tensor:
         """The table-shaped bool mask (whole-table work: export/analysis)."""
-        size = self.input_dim * self.output_dim
-        flags = tf.scatter_nd(self.positions()[:, None], tf.ones([self.budget], tf.bool), [size])
-        return tf.reshape(flags, [self.input_dim, self.output_dim])
+        return tf.reshape(PositionBitmap(self.input_dim * self.output_dim, self.positions()).contains(
+            tf.range(self.input_dim * self.output_dim, dtype=tf.int64)), [self.input_dim, self.output_dim])
 
     def effective_table(self) -> tf.Tensor:
         """The whole table ``E ⊙ M`` (whole-table work: export/analysis)."""
-        size = self.input_dim * self.output_dim
-        table = tf.scatter_nd(self.positions()[:, None], self.values, [size])
+        table = tf.math.unsorted_segment_sum(self.values, self.positions(), self.input_dim * self.output_dim)
         return tf.reshape(table, [self.input_dim, self.output_dim])
 
 

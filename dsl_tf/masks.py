@@ -9,6 +9,7 @@ from __future__ import annotations
 import warnings
 import weakref
 
+import numpy as np
 import tensorflow as tf
 
 from dsl_tf import selection
@@ -18,23 +19,28 @@ from dsl_tf.layers import MaskedEmbedding, table_budget
 budget = table_budget  # round((1 − s) · size), halves rounded up: ``budget(1000, 0.8) == 200``
 
 
-def initial_masks(
+def initial_positions(
     sizes: list[int], budgets: list[int] | int, seed: int
 ) -> list[tf.Tensor]:
-    """Uniform random flat bool masks with an exact budget.
+    """Uniform random active positions (flat int64, any order) with an exact budget per table.
 
     ``budgets`` is either one budget per table, or a single int: one global budget spread
-    uniformly at random over the concatenation of all tables. Table ``i``'s mask depends
-    only on ``(seed, i)`` (per-table budgets), so it is reproducible and identical on
-    every replica and worker.
+    uniformly at random over the concatenation of all tables. Table ``i``'s positions
+    depend only on ``(seed, i)`` (per-table budgets), so they are reproducible and
+    identical on every replica and worker. No tensor of a table's size is made
+    (:func:`dsl_tf.selection.random_positions`), so compact tables install them directly.
     """
     if isinstance(budgets, int):
-        flat = selection.random_mask(sum(sizes), budgets, (seed, -1))
-        return list(tf.split(flat, sizes))
-    return [
-        selection.random_mask(size, b, (seed, i))
-        for i, (size, b) in enumerate(zip(sizes, budgets))
-    ]
+        flat = selection.random_positions(sum(sizes), budgets, (seed, -1))
+        bounds = np.cumsum([0] + list(sizes))
+        return [tf.boolean_mask(flat, (flat >= lo) & (flat < hi)) - lo for lo, hi in zip(bounds[:-1], bounds[1:])]
+    return [selection.random_positions(size, b, (seed, i)) for i, (size, b) in enumerate(zip(sizes, budgets))]
+
+
+def initial_masks(sizes: list[int], budgets: list[int] | int, seed: int) -> list[tf.Tensor]:
+    """The flat bool masks of :func:`initial_positions`."""
+    return [selection.scatter_flags(size, positions)
+            for size, positions in zip(sizes, initial_positions(sizes, budgets, seed))]
 
 
 def count_active(mask: tf.Tensor | tf.Variable) -> int:
@@ -199,19 +205,13 @@ def active_count(layer: MaskedEmbedding) -> int:
     return count_active(layer.mask)
 
 
-def install_mask(layer: MaskedEmbedding, new_mask: tf.Tensor, optimizer=None) -> None:
-    """A layer's first mask: :func:`apply_mask` for dense storage; for compact storage the
-    active positions become the layout and the (element-wise drawn) initial values stay."""
+def install_positions(layer: MaskedEmbedding, positions: tf.Tensor, optimizer=None) -> None:
+    """A layer's first mask, given as its active flat positions (any order): for dense
+    storage :func:`apply_mask`; for compact storage they become the layout and the
+    (element-wise drawn) initial values stay."""
     if not is_compact(layer):
-        apply_mask(layer, new_mask, optimizer)
+        apply_mask(layer, selection.scatter_flags(layer.input_dim * layer.output_dim, positions), optimizer)
         return
-    positions = tf.where(tf.reshape(tf.cast(new_mask, tf.bool), [-1]))[:, 0]
-    install_positions(layer, positions)
-
-
-def install_positions(layer: MaskedEmbedding, positions: tf.Tensor) -> None:
-    """A compact layer's first layout: ``budget`` distinct flat positions (any order), e.g.
-    from :func:`dsl_tf.selection.random_positions`; the element-wise drawn values stay."""
     if int(tf.size(positions)) != layer.budget:
         raise ValueError(f"{layer.name}: a mask of {int(tf.size(positions))} active entries does not fit "
                          f"its compact budget of {layer.budget}")

@@ -8,6 +8,8 @@ exploration step. Ties at the selection boundary are broken uniformly at random 
 
 from __future__ import annotations
 
+import math
+
 import tensorflow as tf
 
 from dsl_tf.layers import PositionBitmap
@@ -108,22 +110,28 @@ def _kth_bucket(buckets: tf.Tensor, k: tf.Tensor) -> tf.Tensor:
     return tf.reduce_max(tf.where(at_least >= k)[:, 0])
 
 
-def num_updates(mask: tf.Tensor, ratio: float, exclude_pruned: bool = False) -> tf.Tensor:
-    """How many entries one exploration swaps: ``floor(ratio · active)`` (counted in int64).
+def swap_count(active: int, size: int, ratio: float, exclude_pruned: bool = False) -> int:
+    """How many entries one exploration swaps: ``floor(ratio · active)``.
 
     With ``exclude_pruned=True`` (regrowth only among entries inactive *before* the prune)
-    the count is capped at the inactive count, ``min(·, inactive)``; with the paper's rule
-    (``False``) growth may reuse the just-pruned entries, so no cap is needed.
+    the count is capped at the inactive count, ``min(·, size − active)``; with the paper's
+    rule (``False``) growth may reuse the just-pruned entries, so no cap is needed.
 
-    >>> m = tf.constant([True] * 9 + [False])
-    >>> int(num_updates(m, 0.5)), int(num_updates(m, 0.5, exclude_pruned=True))
+    >>> swap_count(9, 10, 0.5), swap_count(9, 10, 0.5, exclude_pruned=True)
     (4, 1)
     """
-    active = tf.reduce_sum(tf.cast(mask, tf.int64))
-    wanted = tf.cast(tf.floor(float(ratio) * tf.cast(active, tf.float64)), tf.int64)
-    if not exclude_pruned:
-        return wanted
-    return tf.minimum(wanted, tf.size(mask, out_type=tf.int64) - active)
+    wanted = math.floor(float(ratio) * int(active))
+    return min(wanted, int(size) - int(active)) if exclude_pruned else wanted
+
+
+def num_updates(mask: tf.Tensor, ratio: float, exclude_pruned: bool = False) -> tf.Tensor:
+    """:func:`swap_count` of a bool mask (counted in int64), as an int64 tensor.
+
+    >>> int(num_updates(tf.constant([True] * 9 + [False]), 0.5))
+    4
+    """
+    active = int(tf.math.count_nonzero(mask, dtype=tf.int64))
+    return tf.constant(swap_count(active, int(tf.size(mask, out_type=tf.int64)), ratio, exclude_pruned), tf.int64)
 
 
 def prune_and_grow(
