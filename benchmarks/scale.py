@@ -28,17 +28,26 @@ import tensorflow as tf  # noqa: E402
 
 
 class _StepTimer(tf.keras.callbacks.Callback):
-    """Wall seconds of each training step (explorations happen after the step ends)."""
+    """Wall seconds of each training step (explorations happen after the step ends, in the
+    callback after this one) and the resident memory before each exploration."""
 
     def __init__(self):
         super().__init__()
         self.seconds: list[float] = []
+        self.rss_gib: list[float] = []
 
     def on_train_batch_begin(self, batch, logs=None):
         self._start = time.perf_counter()
 
     def on_train_batch_end(self, batch, logs=None):
         self.seconds.append(time.perf_counter() - self._start)
+        self.rss_gib.append(_rss_gib())
+
+
+def _rss_gib() -> float:
+    """Current resident set size."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**30
 
 
 def _peak_rss_gib() -> float:
@@ -81,7 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
     dsl = dsl_tf.DynamicSparsity(args.sparsity, update_interval=args.interval, end_step=steps + 1,
                                  growth="gradient" if args.growth_scores == "window" else "random", verbose=1)
     timer = _StepTimer()
-    model.fit(data, epochs=1, verbose=0, callbacks=[dsl, timer])
+    model.fit(data, epochs=1, verbose=0, callbacks=[timer, dsl])
 
     slots = [s for v in model.trainable_variables for s in dsl_tf.masks.optimizer_slots(model.optimizer, v)]
     table_vars = users.weights + [s for s in slots if s.shape == users.values.shape]
@@ -94,6 +103,8 @@ def main(argv: list[str] | None = None) -> dict:
         "table_state_bytes": state, "dense_adam_state_bytes": 12 * entries,
         "state_ratio_vs_dense_adam": state / (12 * entries),
         "peak_rss_gib": _peak_rss_gib(),
+        "rss_before_explorations_gib": [timer.rss_gib[i * args.interval - 1] for i in range(1, args.explorations + 1)],
+        "exploration_peak_over_state": (_peak_rss_gib() - timer.rss_gib[args.interval - 1]) * 2**30 / state,
         "build_seconds": build_seconds,
         "steps": len(timer.seconds),
         "median_step_seconds": float(np.median(timer.seconds[1:])),

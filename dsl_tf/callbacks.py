@@ -206,9 +206,9 @@ class DynamicSparsity(tf.keras.callbacks.Callback):
                         "budget='global' needs all masked layers uninitialised or all "
                         f"initialised, got {dict(zip([l.name for l in layers], initialized))}"
                     )
-                new = masks.initial_positions(sizes, masks.budget(sum(sizes), self.sparsity), self.seed)
+                new = masks.initial_positions(sizes, masks.budget(sum(sizes), self.sparsity), self.seed, True)
             else:
-                new = masks.initial_positions(sizes, self._budgets, self.seed)
+                new = masks.initial_positions(sizes, self._budgets, self.seed, chunked=True)
             for layer, done, positions in zip(layers, initialized, new):
                 if not done:
                     masks.install_positions(layer, positions, self.model.optimizer)
@@ -375,31 +375,24 @@ class DynamicSparsity(tf.keras.callbacks.Callback):
         self, layer: MaskedEmbedding, ratio: float, step: int, group: int
     ) -> tuple[int, dict[str, float]]:
         """:meth:`_explore_group` for a compact table: the same ranking (``selection``) on
-        its active values, then a new layout; only ``[budget]`` tensors and row splits
-        (plus the dense growth scores, if kept) are read and written."""
+        its active values, then a new layout, by row chunks: only ``[budget]`` tensors,
+        row splits and per-chunk temporaries are made (plus a read of the dense growth
+        scores, if kept)."""
         values = tf.convert_to_tensor(layer.values)
-        dense_scores = self.growth in ("gradient", "momentum") and layer.growth_scores_mode == "dense"
-        scores, candidates = None, None
-        if dense_scores:
-            scores = tf.reshape(tf.convert_to_tensor(layer.growth_scores), [-1])
-        elif self.growth == "gradient":
-            candidates, scores = layer.window_scores()
+        scores, source = None, "random"
+        if self.growth in ("gradient", "momentum"):
+            source = "window" if layer.growth_scores_mode == "window" else "scores"
+            scores = {"dense": lambda: tf.convert_to_tensor(layer.growth_scores),
+                      "int8": lambda: layer.score_scale, "window": lambda: layer.window_scores()[1]
+                      }[layer.growth_scores_mode]()
         if not self._ready([layer.name], step, values, scores):
             return 0, {layer.name: 0.0}
-        size, active = layer.input_dim * layer.output_dim, layer.budget
-        num = self._swap_count(active, size, ratio, step, [layer.name])
-        positions, seed = layer.positions(), (self.seed, step * 97 + group)
-        if dense_scores:
-            keep, grown = selection.prune_and_grow_positions(
-                positions, values, size, scores, num, seed, self.exclude_pruned)
-        else:  # window scores or random growth: nothing of the table's size
-            keep, grown = selection.prune_and_grow_sparse(
-                positions, values, size, candidates, scores, num, seed, self.exclude_pruned)
-        masks.apply_compact_update(layer, keep, grown, self.model.optimizer)
-        new = layer.positions()
-        found = tf.gather(new, tf.minimum(tf.searchsorted(new, positions), active - 1))
-        moved = int(tf.math.count_nonzero(found != positions, dtype=tf.int64))  # left the layout
-        return num, {layer.name: 2 * moved / size}
+        size = layer.input_dim * layer.output_dim
+        num = self._swap_count(layer.budget, size, ratio, step, [layer.name])
+        keep, grown = selection.compact_prune_and_grow(
+            layer, num, (self.seed, step * 97 + group), source, self.exclude_pruned)
+        regrown = masks.apply_compact_update(layer, keep, grown, self.model.optimizer)
+        return num, {layer.name: 2 * (num - regrown) / size}
 
     def _ready(self, names: list[str], step: int, weights: tf.Tensor, scores: tf.Tensor | None) -> bool:
         """Whether the tables of ``names`` explore now: growth on, weights and scores finite
@@ -439,7 +432,7 @@ class DynamicSparsity(tf.keras.callbacks.Callback):
                 raise ValueError(
                     f"{layer.name!r} stores {layer.budget} active entries (sparsity {layer.sparsity}) but "
                     f"DynamicSparsity asks for {expected}: give both the same sparsity")
-            needs = {"gradient": ("dense", "window"), "momentum": ("dense",)}.get(self.growth)
+            needs = {"gradient": ("dense", "int8", "window"), "momentum": ("dense", "int8")}.get(self.growth)
             if needs and layer.growth_scores_mode not in needs:
                 raise ValueError(
                     f"growth={self.growth!r} needs growth_scores in {needs}, but {layer.name!r} was built "

@@ -175,7 +175,7 @@ def table_budget(size: int, sparsity: float) -> int:
     return int(math.floor((1.0 - float(sparsity)) * int(size) + 0.5))
 
 
-SCORE_MODES = ("dense", "window", "none")
+SCORE_MODES = ("dense", "int8", "window", "none")
 
 
 @tf.keras.utils.register_keras_serializable(package="dsl_tf")
@@ -203,6 +203,12 @@ class CompactMaskedEmbedding(MaskedEmbedding):
 
     * ``"dense"``: the exact float32 accumulator of ``∂L/∂(E ⊙ M)`` over the whole table
       and interval, as :class:`MaskedEmbedding` keeps (4 bytes per table entry);
+    * ``"int8"``: the same accumulator, quantised: 1 byte per table entry plus a float32
+      scale per row (each looked-up row is re-quantised after adding the step's gradient,
+      round to nearest against the row's largest ``|score|``, so a contribution under
+      1/254 of the row's largest score is lost). The ranking of the largest scores, which
+      is what growth uses, is kept; single replica only (no cross-replica sum of int8).
+      Supports ``growth="momentum"`` (decay scales the row scales, exactly).
     * ``"window"``: the gradients of the last ``score_capacity`` looked-up rows only (a
       ring buffer, ``score_capacity × (4 · dim + 8)`` bytes, independent of the table
       size; default ``max(4096, input_dim // 16)`` rows, at most ``input_dim``). An
@@ -283,6 +289,16 @@ class CompactMaskedEmbedding(MaskedEmbedding):
             )
         else:
             self.growth_scores = None
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        if self.growth_scores_mode in ("int8", "window") and replicas > 1:
+            raise ValueError(f"{self.name}: growth_scores={self.growth_scores_mode!r} works on one replica, the "
+                             f"strategy has {replicas}: use growth_scores='dense'")
+        if self.growth_scores_mode == "int8":
+            self.score_q = self.add_weight(
+                name="score_q", shape=(rows, dim), dtype=tf.int8, trainable=False, initializer="zeros")
+            self.score_scale = self.add_weight(
+                name="score_scale", shape=(rows,), dtype=tf.float32, trainable=False, initializer="zeros",
+                experimental_autocast=False)
         if self.growth_scores_mode == "window":
             capacity = self.score_capacity
             self.score_rows = self.add_weight(
@@ -321,12 +337,35 @@ class CompactMaskedEmbedding(MaskedEmbedding):
         if self.growth_scores_mode == "dense":
             super()._add_scores(flat_dy, flat_ids)
             return
+        if self.growth_scores_mode == "int8":  # O(batch · dim): the looked-up rows only
+            rows, at = tf.unique(tf.cast(flat_ids, tf.int64))
+            sums = self.score_rows_of(rows) + tf.math.unsorted_segment_sum(flat_dy, at, tf.size(rows))
+            scale = tf.reduce_max(tf.abs(sums), axis=1) / 127.0
+            q = tf.round(tf.math.divide_no_nan(sums, scale[:, None]))
+            self.score_q.scatter_update(tf.IndexedSlices(tf.cast(q, tf.int8), rows))
+            self.score_scale.scatter_update(tf.IndexedSlices(scale, rows))
+            return
         capacity = self.score_capacity  # ring buffer: keep the last `capacity` rows
         flat_ids, flat_dy = flat_ids[-capacity:], flat_dy[-capacity:]
         slots = (self.score_count + tf.range(tf.size(flat_ids, out_type=tf.int64))) % capacity
         self.score_rows.scatter_update(tf.IndexedSlices(tf.cast(flat_ids, tf.int64), slots))
         self.score_grads.scatter_update(tf.IndexedSlices(flat_dy, slots))
         self.score_count.assign_add(tf.size(flat_ids, out_type=tf.int64))
+
+    def score_rows_of(self, rows: tf.Tensor) -> tf.Tensor:
+        """float32 ``[len(rows), dim]``: the accumulated scores of ``rows``
+        (``growth_scores`` ``"dense"`` or ``"int8"``)."""
+        if self.growth_scores_mode == "int8":
+            return tf.cast(tf.gather(self.score_q, rows), tf.float32) * tf.gather(self.score_scale, rows)[:, None]
+        return tf.gather(tf.convert_to_tensor(self.growth_scores), rows)
+
+    def score_reader(self):
+        """``read(r0, r1)`` -> float32 ``[r1 − r0, dim]``: the accumulated scores of rows
+        ``[r0, r1)``, for an exploration (``growth_scores`` ``"dense"`` or ``"int8"``)."""
+        if self.growth_scores_mode == "int8":
+            return lambda r0, r1: tf.cast(self.score_q[r0:r1], tf.float32) * self.score_scale[r0:r1][:, None]
+        scores = tf.convert_to_tensor(self.growth_scores)  # summed over replicas, once
+        return lambda r0, r1: scores[r0:r1]
 
     def window_scores(self) -> tuple[tf.Tensor, tf.Tensor]:
         """``(positions, scores)``: every entry of the rows in the score window, with its
@@ -338,9 +377,13 @@ class CompactMaskedEmbedding(MaskedEmbedding):
         return tf.reshape(positions, [-1]), tf.reshape(sums, [-1])
 
     def reset_scores(self, decay: float = 0.0) -> None:
-        """Start a new interval: scores times ``decay`` (dense) or an empty window."""
+        """Start a new interval: scores times ``decay`` (dense, int8) or an empty window."""
         if self.growth_scores_mode == "dense":
             super().reset_scores(decay)
+        elif self.growth_scores_mode == "int8":
+            self.score_scale.assign(self.score_scale * decay if decay else tf.zeros_like(self.score_scale))
+            if not decay:
+                self.score_q.assign(tf.zeros_like(self.score_q))
         elif self.growth_scores_mode == "window":
             self.score_rows.assign(tf.fill([self.score_capacity], tf.constant(-1, tf.int64)))
             self.score_count.assign(0)
@@ -351,22 +394,66 @@ class CompactMaskedEmbedding(MaskedEmbedding):
         rows = tf.ragged.row_splits_to_segment_ids(self.row_splits, out_type=tf.int64)
         return rows * self.output_dim + tf.cast(self.col_ids, tf.int64)
 
-    def set_layout(self, positions: tf.Tensor) -> tf.Tensor:
-        """Install the layout of ``budget`` distinct flat ``positions`` (any order).
+    def row_chunks(self, max_entries: int) -> list[tuple[int, int]]:
+        """Row ranges ``[r0, r1)`` covering the table, of at most ``max_entries`` entries
+        (at least 64 rows), each starting at a multiple of 64 rows: the unit of the
+        chunked exploration (whole-table work in O(chunk) memory)."""
+        step = max(64, max_entries // self.output_dim // 64 * 64)
+        return [(r0, min(r0 + step, self.input_dim)) for r0 in range(0, self.input_dim, step)]
 
-        Returns, for each new value index (ascending flat position), the index of its
-        position in ``positions``: gather values and optimizer slots with it. No sort
-        and no scatter of the budget: ranks come from a bitmap of the table
-        (:class:`PositionBitmap`, 1 bit per entry) and ``tf.math.invert_permutation``
-        (budgets < 2^31 entries per table).
+    def value_range(self, r0: int, r1: int) -> tuple[int, int]:
+        """``[v0, v1)``: the indices in ``values`` of rows ``[r0, r1)``."""
+        v0, v1 = self.row_splits[r0].numpy(), self.row_splits[r1].numpy()
+        return int(v0), int(v1)
+
+    def chunk_positions(self, r0: int, r1: int) -> tuple[int, int, tf.Tensor]:
+        """``(v0, v1, local)``: the value range of rows ``[r0, r1)`` and the flat positions
+        of those values relative to the chunk's first entry ``r0 · output_dim`` (int64)."""
+        splits = tf.convert_to_tensor(self.row_splits[r0:r1 + 1])
+        v0, v1 = int(splits[0]), int(splits[-1])
+        rows = tf.ragged.row_splits_to_segment_ids(splits - v0, out_type=tf.int64)
+        return v0, v1, rows * self.output_dim + tf.cast(self.col_ids[v0:v1], tf.int64)
+
+    def rebuild_layout(self, keep: tf.Tensor | None, grown: list[tf.Tensor], max_entries: int = 1 << 24
+                       ) -> tuple[tf.Tensor, int]:
+        """Install a new layout: the values where ``keep`` (bool ``[budget]``; None: none) and
+        the flat positions ``grown`` (a list of int64 tensors, any order, distinct and
+        disjoint from the kept ones), ``budget`` in all.
+
+        Works by row chunks of at most ``max_entries`` entries (see :meth:`row_chunks`): no
+        sort and no tensor of the table's size, ranks from a per-chunk bitmap
+        (:class:`PositionBitmap`). Returns ``(source, regrown)``: for each new value index,
+        the index of the old value it takes (int32 ``[budget]``; −1 for a grown entry), and
+        how many grown positions were pruned in the same call (regrown from scratch).
         """
-        positions = tf.cast(positions, tf.int64)
-        bitmap = PositionBitmap(self.input_dim * self.output_dim, positions)
-        source = tf.cast(tf.math.invert_permutation(tf.cast(bitmap.rank(positions), tf.int32)), tf.int64)
-        boundaries = tf.range(self.input_dim + 1, dtype=tf.int64) * self.output_dim
-        self.row_splits.assign(bitmap.rank(boundaries))
-        self.col_ids.assign(tf.cast(tf.gather(positions, source) % self.output_dim, self.col_ids.dtype))
-        return source
+        dim = self.output_dim
+        grown = [tf.cast(g, tf.int64) for g in grown if int(tf.size(g))]
+        bounds = [(int(tf.reduce_min(g)), int(tf.reduce_max(g))) for g in grown]
+        sources, cols, lengths, regrown = [], [], [], 0
+        for r0, r1 in self.row_chunks(max_entries):
+            lo, hi = r0 * dim, r1 * dim
+            v0, v1, local = self.chunk_positions(r0, r1)
+            kept = tf.zeros([v1 - v0], tf.bool) if keep is None else tf.convert_to_tensor(keep[v0:v1])
+            mine = [tf.boolean_mask(g, (g >= lo) & (g < hi)) - lo for g, (a, b) in zip(grown, bounds) if a < hi and b >= lo]
+            source, col, length, again = _chunk_layout(
+                local, kept, tf.concat([tf.zeros([0], tf.int64)] + mine, 0),
+                *(tf.constant(n, tf.int64) for n in (v0, r1 - r0, dim)), self.col_ids.dtype)
+            sources.append(source)
+            cols.append(col)
+            lengths.append(length)
+            regrown += int(again)
+        lengths = tf.concat(lengths, 0)
+        total = int(tf.reduce_sum(lengths))
+        if total != self.budget:
+            raise ValueError(f"{self.name}: a layout of {total} entries does not fit its budget of {self.budget}")
+        self.row_splits.assign(tf.concat([tf.zeros([1], tf.int64), tf.cumsum(lengths)], 0))
+        self.col_ids.assign(tf.concat(cols, 0))
+        return tf.concat(sources, 0), regrown
+
+    def set_layout(self, positions: tf.Tensor | list[tf.Tensor]) -> None:
+        """Install the layout of ``budget`` distinct flat ``positions`` (any order; or a list
+        of such tensors, e.g. one per chunk), values left as they are."""
+        self.rebuild_layout(None, positions if isinstance(positions, list) else [positions])
 
     def dense_mask(self) -> tf.Tensor:
         """The table-shaped bool mask (whole-table work: export/analysis)."""
@@ -391,9 +478,9 @@ class PositionBitmap:
     [0, 1, 1, 2, 3]
     """
 
-    def __init__(self, size: int, positions: tf.Tensor):
+    def __init__(self, size: int | tf.Tensor, positions: tf.Tensor):
         positions = tf.cast(positions, tf.int64)
-        words = -(-int(size) // 64)
+        words = (tf.cast(size, tf.int64) + 63) // 64
         bits = tf.bitwise.left_shift(tf.ones_like(positions), positions % 64)
         # distinct positions set distinct bits: adding them is OR (no carries)
         self.words = tf.math.unsorted_segment_sum(bits, positions // 64, words + 1)
@@ -412,6 +499,31 @@ class PositionBitmap:
         below = tf.bitwise.invert(tf.bitwise.left_shift(tf.constant(-1, tf.int64), queries % 64))
         inside = tf.raw_ops.PopulationCount(x=tf.bitwise.bitwise_and(word, below))
         return tf.gather(self.before, queries // 64) + tf.cast(inside, tf.int64)
+
+
+@tf.function(reduce_retracing=True)
+def _chunk_layout(local, kept, grown, v0, rows, dim, col_dtype):
+    """One row chunk of :meth:`CompactMaskedEmbedding.rebuild_layout`: the old entries
+    ``local`` (ascending flat positions relative to the chunk, values ``v0 + i``), which of
+    them stay, the positions grown in the chunk -> (source, col_ids, row lengths, regrown
+    count). A merge of two sorted lists (the kept entries are already in order; the grown
+    ones are sorted): each entry's new index is its index in its list plus the number of
+    entries of the other list before it, and ``dynamic_stitch`` puts it there."""
+    kept_at = tf.where(kept)[:, 0]
+    kept_local, grown = tf.gather(local, kept_at), tf.sort(grown)
+    n_kept = tf.size(kept_local, out_type=tf.int32)
+    before = tf.cast(tf.searchsorted(kept_local, grown, out_type=tf.int64), tf.int32)  # kept entries before each grown
+    at_grown = tf.range(tf.size(grown, out_type=tf.int32)) + before
+    # grown entries before each kept one: a running count, not a search over the (many more) kept entries
+    at_kept = tf.range(n_kept) + tf.cumsum(tf.math.bincount(before, minlength=n_kept + 1, maxlength=n_kept + 1))[:-1]
+    source = tf.dynamic_stitch([at_kept, at_grown], [tf.cast(kept_at + v0, tf.int32), -tf.ones_like(at_grown)])
+    members = tf.dynamic_stitch([at_kept, at_grown], [kept_local, grown])
+    length = tf.math.bincount(tf.cast(members // dim, tf.int32), minlength=tf.cast(rows, tf.int32),
+                              maxlength=tf.cast(rows, tf.int32), dtype=tf.int64)
+    # grown positions that were in the old layout: just pruned, regrown
+    old = tf.concat([local, [tf.int64.max]], 0)  # ascending, with a sentinel
+    regrown = tf.math.count_nonzero(tf.gather(old, tf.searchsorted(old, grown)) == grown, dtype=tf.int64)
+    return source, tf.cast(members % dim, col_dtype), length, regrown
 
 
 _FAN_INITIALIZERS = frozenset({

@@ -20,21 +20,24 @@ budget = table_budget  # round((1 − s) · size), halves rounded up: ``budget(1
 
 
 def initial_positions(
-    sizes: list[int], budgets: list[int] | int, seed: int
-) -> list[tf.Tensor]:
+    sizes: list[int], budgets: list[int] | int, seed: int, chunked: bool = False
+) -> list[tf.Tensor] | list[list[tf.Tensor]]:
     """Uniform random active positions (flat int64, any order) with an exact budget per table.
 
     ``budgets`` is either one budget per table, or a single int: one global budget spread
     uniformly at random over the concatenation of all tables. Table ``i``'s positions
     depend only on ``(seed, i)`` (per-table budgets), so they are reproducible and
     identical on every replica and worker. No tensor of a table's size is made
-    (:func:`dsl_tf.selection.random_positions`), so compact tables install them directly.
+    (:func:`dsl_tf.selection.random_positions`), so compact tables install them directly;
+    ``chunked=True`` gives each table's positions as a list of per-chunk tensors (what
+    :func:`install_positions` takes for tables of billions of entries).
     """
     if isinstance(budgets, int):
         flat = selection.random_positions(sum(sizes), budgets, (seed, -1))
         bounds = np.cumsum([0] + list(sizes))
-        return [tf.boolean_mask(flat, (flat >= lo) & (flat < hi)) - lo for lo, hi in zip(bounds[:-1], bounds[1:])]
-    return [selection.random_positions(size, b, (seed, i)) for i, (size, b) in enumerate(zip(sizes, budgets))]
+        tables = [tf.boolean_mask(flat, (flat >= lo) & (flat < hi)) - lo for lo, hi in zip(bounds[:-1], bounds[1:])]
+        return [[t] for t in tables] if chunked else tables
+    return [selection.random_positions(size, b, (seed, i), chunked) for i, (size, b) in enumerate(zip(sizes, budgets))]
 
 
 def initial_masks(sizes: list[int], budgets: list[int] | int, seed: int) -> list[tf.Tensor]:
@@ -205,38 +208,49 @@ def active_count(layer: MaskedEmbedding) -> int:
     return count_active(layer.mask)
 
 
-def install_positions(layer: MaskedEmbedding, positions: tf.Tensor, optimizer=None) -> None:
-    """A layer's first mask, given as its active flat positions (any order): for dense
-    storage :func:`apply_mask`; for compact storage they become the layout and the
-    (element-wise drawn) initial values stay."""
+def install_positions(layer: MaskedEmbedding, positions: tf.Tensor | list[tf.Tensor], optimizer=None) -> None:
+    """A layer's first mask, given as its active flat positions (any order; or a list of
+    such tensors): for dense storage :func:`apply_mask`; for compact storage they become the
+    layout (chunk by chunk) and the (element-wise drawn) initial values stay."""
+    pieces = positions if isinstance(positions, list) else [positions]
+    count = sum(int(tf.size(p)) for p in pieces)
     if not is_compact(layer):
-        apply_mask(layer, selection.scatter_flags(layer.input_dim * layer.output_dim, positions), optimizer)
+        apply_mask(layer, selection.scatter_flags(layer.input_dim * layer.output_dim,
+                                                  tf.concat([tf.zeros([0], tf.int64)] + pieces, 0)), optimizer)
         return
-    if int(tf.size(positions)) != layer.budget:
-        raise ValueError(f"{layer.name}: a mask of {int(tf.size(positions))} active entries does not fit "
-                         f"its compact budget of {layer.budget}")
-    layer.set_layout(positions)
+    if count != layer.budget:
+        raise ValueError(f"{layer.name}: a mask of {count} active entries does not fit its compact budget of "
+                         f"{layer.budget}")
+    layer.set_layout(pieces)
     layer.mask_initialized.assign(True)
 
 
-def apply_compact_update(layer: MaskedEmbedding, keep: tf.Tensor, grown: tf.Tensor, optimizer=None) -> None:
+def apply_compact_update(layer: MaskedEmbedding, keep: tf.Tensor, grown: tf.Tensor | list[tf.Tensor],
+                         optimizer=None) -> int:
     """Prune and grow a compact layer: ``keep`` (bool [budget]) marks the values that stay,
-    ``grown`` (int64 flat positions, as many as pruned) the new entries.
+    ``grown`` (int64 flat positions, as many as pruned; or a list of such tensors) the new
+    entries. Returns how many grown entries had just been pruned (regrown from scratch).
 
     Kept values keep their value and optimizer slots (moved to their new index in the
     position order); grown ones start at 0 with the optimizer's initial slot state. Only
-    ``[budget]``-sized and row-split tensors are written.
+    ``[budget]``-sized and per-chunk tensors are made (:meth:`~dsl_tf.CompactMaskedEmbedding.rebuild_layout`),
+    one variable at a time.
     """
-    positions = layer.positions()
-    kept = tf.where(keep)[:, 0]
-    grown = tf.cast(grown, tf.int64)
-    if int(tf.size(kept)) + int(tf.size(grown)) != layer.budget:
-        raise ValueError(f"{layer.name}: {int(tf.size(kept))} kept + {int(tf.size(grown))} grown entries "
-                         f"do not make its budget of {layer.budget}")
-    source = layer.set_layout(tf.concat([tf.gather(positions, kept), grown], 0))
-    fresh = source >= tf.size(kept, out_type=tf.int64)  # grown entries sit after the kept ones
-    source = tf.gather(kept, tf.minimum(source, tf.size(kept, out_type=tf.int64) - 1))  # index in old values
-    layer.values.assign(tf.where(fresh, tf.zeros([], layer.values.dtype), tf.gather(layer.values, source)))
+    keep = tf.convert_to_tensor(keep, tf.bool)
+    grown = grown if isinstance(grown, list) else [grown]
+    kept, added = int(tf.math.count_nonzero(keep, dtype=tf.int64)), sum(int(tf.size(g)) for g in grown)
+    if kept + added != layer.budget:
+        raise ValueError(f"{layer.name}: {kept} kept + {added} grown entries do not make its budget of "
+                         f"{layer.budget}")
+    source, regrown = layer.rebuild_layout(keep, grown)
+    layer.values.assign(_moved(layer.values, source, tf.zeros([], layer.values.dtype)))
     if optimizer is not None:
         for slot, initial in slot_states(optimizer, layer.values):
-            slot.assign(tf.where(fresh, tf.constant(initial, slot.dtype), tf.gather(slot, source)))
+            slot.assign(_moved(slot, source, tf.constant(initial, slot.dtype)))
+    return regrown
+
+
+@tf.function(reduce_retracing=True)
+def _moved(variable, source, initial):
+    """``variable`` gathered at ``source`` (``initial`` where it is −1)."""
+    return tf.where(source < 0, initial, tf.gather(variable, tf.maximum(source, 0)))

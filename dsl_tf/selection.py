@@ -9,7 +9,9 @@ exploration step. Ties at the selection boundary are broken uniformly at random 
 from __future__ import annotations
 
 import math
+from typing import Callable, Iterable, Iterator
 
+import numpy as np
 import tensorflow as tf
 
 from dsl_tf.layers import PositionBitmap
@@ -21,13 +23,16 @@ CHUNK = 1 << 24
 """Entries per chunk of :func:`random_positions`: memory stays O(chunk + count)."""
 
 
-def random_positions(size: int, count: int, seed: tuple[int, int]) -> tf.Tensor:
+def random_positions(size: int, count: int, seed: tuple[int, int], chunked: bool = False
+                     ) -> tf.Tensor | list[tf.Tensor]:
     """``count`` distinct positions in ``[0, size)`` (in no particular order), drawn at random.
 
     Stratified, so that no tensor of ``size`` is ever made (tables of billions of entries):
     each chunk of :data:`CHUNK` entries gets its proportional share of ``count`` (largest
     remainders first), drawn uniformly inside the chunk. Every entry has probability
     ``count / size``. Deterministic in ``(seed, size, count)``. int64 throughout.
+    ``chunked=True`` returns the chunks' positions as a list (one tensor per chunk, in
+    chunk order) instead of concatenating them.
 
     >>> random_positions(10, 3, (0, 1)).shape
     TensorShape([3])
@@ -37,16 +42,32 @@ def random_positions(size: int, count: int, seed: tuple[int, int]) -> tf.Tensor:
         raise ValueError(f"count must be in [0, {size}], got {count!r}")
     starts = list(range(0, size, CHUNK))
     lengths = [min(CHUNK, size - start) for start in starts]
-    quotas = [count * n // size for n in lengths]
-    by_remainder = sorted(range(len(lengths)), key=lambda i: (-(count * lengths[i] % size), i))
-    for i in by_remainder[: count - sum(quotas)]:
-        quotas[i] += 1
     parts = [tf.zeros([0], tf.int64)]
-    for index, (start, length, quota) in enumerate(zip(starts, lengths, quotas)):
+    for index, (start, length, quota) in enumerate(zip(starts, lengths, quotas(lengths, count))):
         if quota:
-            keys = tf.random.stateless_uniform([length], seed=_fold(seed, index))
+            keys = tf.random.stateless_uniform([length], seed=_fold(seed, index), minval=None, maxval=None,
+                                               dtype=tf.int32)  # 32 random bits: few ties
             parts.append(top_k_indices(keys, quota, _fold(seed, -index - 1)) + start)
-    return tf.concat(parts, 0)
+    return parts[1:] if chunked else tf.concat(parts, 0)
+
+
+def quotas(sizes: list[int], count: int) -> list[int]:
+    """Split ``count`` over parts of ``sizes`` proportionally, largest remainders first
+    (ties to the earlier part); each quota is at most its size.
+
+    >>> quotas([5, 5, 10], 7)
+    [2, 2, 3]
+    """
+    total = sum(sizes)
+    if not 0 <= count <= total:
+        raise ValueError(f"count must be in [0, {total}], got {count!r}")
+    if not total:
+        return [0] * len(sizes)
+    shares = [count * n // total for n in sizes]
+    by_remainder = sorted(range(len(sizes)), key=lambda i: (-(count * sizes[i] % total), i))
+    for i in by_remainder[: count - sum(shares)]:
+        shares[i] += 1
+    return shares
 
 
 def random_mask(size: int, num_active: int, seed: tuple[int, int]) -> tf.Tensor:
@@ -68,46 +89,117 @@ def _fold(seed, index: int) -> tf.Tensor:
 def top_k_indices(keys: tf.Tensor, k: tf.Tensor | int, seed) -> tf.Tensor:
     """Indices (int64) of the ``k`` largest ``keys``, ties at the k-th value broken at random.
 
-    Everything strictly above the k-th largest value is taken; the rest is drawn
-    uniformly (stateless, from ``seed``) among the entries equal to it. The k-th largest
-    value is found by a radix select on the keys' float32 bit patterns (two bincount
-    passes of 16 bits), not by ``tf.math.top_k``, whose cost on CPU grows with ``k`` (42 s
-    for k = 18M of 64M): O(n) time, int64 counts (no 2^31 limit).
+    :func:`top_k_chunks` on ``keys`` cut into chunks of :data:`CHUNK` entries.
 
     >>> sorted(top_k_indices(tf.constant([3.0, 1.0, 4.0, 1.0, 5.0]), 2, (0, 0)).numpy().tolist())
     [2, 4]
     """
-    return _top_k_indices(tf.cast(keys, tf.float32), tf.cast(k, tf.int64), tf.cast(seed, tf.int64))
+    keys = tf.convert_to_tensor(keys)
+    n = int(tf.size(keys, out_type=tf.int64))
+    starts = range(0, n, CHUNK)
+    found = top_k_chunks(lambda: (keys[start:start + CHUNK] for start in starts), int(k), seed)
+    return tf.concat([tf.zeros([0], tf.int64)] + [idx + start for start, idx in zip(starts, found)], 0)
+
+
+def top_k_chunks(chunks: Callable[[], Iterable[tf.Tensor]], k: int, seed) -> Iterator[tf.Tensor]:
+    """The ``k`` largest keys of a stream of chunks, chunk by chunk: for each chunk that
+    ``chunks()`` yields, the int64 indices (within the chunk) of its entries among the ``k``
+    largest of all chunks. Memory is O(one chunk), so keys never need to exist all at once.
+
+    ``chunks`` is called three times (the same keys each time): a radix select on the keys'
+    order-preserving 32-bit patterns finds the k-th largest value in two counting passes
+    (65,536 bins of the high, then of the low 16 bits; O(n), no sort, no ``tf.math.top_k``,
+    whose CPU cost grows with ``k``: 42 s for k = 18M of 64M), and the third pass takes
+    every entry above it and the chosen ties. Ties at the k-th value are broken uniformly
+    at random by their ordinal in the stream (stateless, from ``seed``), so the selection does
+    not depend on how the keys are cut into chunks. Keys are float (NaN-free) or int32.
+    Counts are int64 (no 2^31 limit).
+
+    >>> [i.numpy().tolist() for i in top_k_chunks(lambda: iter([tf.constant([1.0, 9.0]), tf.constant([5.0])]), 2, (0, 0))]
+    [[1], [0]]
+    """
+    k = int(k)
+    if k <= 0:
+        for _ in chunks():
+            yield tf.zeros([0], tf.int64)
+        return
+    high, kept = np.zeros(_BINS, np.int64), []
+    for i, chunk in enumerate(chunks()):
+        sortable = _sortable(chunk)
+        high += _high_counts(sortable).numpy()
+        kept = [sortable] if i == 0 else None  # a single chunk is kept for the next passes
+    if kept:
+        chunks = lambda: kept  # noqa: E731
+    if k > high.sum():
+        raise ValueError(f"k={k} is more than the {int(high.sum())} keys")
+    top = _kth_bin(high, k)
+    above_high = int(high[top + 1:].sum())
+    low = np.zeros(_BINS, np.int64)
+    for chunk in chunks():
+        low += _low_counts(_sortable(chunk), tf.constant(top - _BINS // 2, tf.int32)).numpy()
+    bottom = _kth_bin(low, k - above_high)
+    threshold = tf.constant(((top - _BINS // 2) << 16) | bottom, tf.int32)
+    ties, need = int(low[bottom]), k - above_high - int(low[bottom + 1:].sum())
+    chosen = None if need == ties else _choose(ties, need, seed)
+    seen = 0
+    for chunk in chunks():
+        picked, count = _pick(_sortable(chunk), threshold, chosen, tf.constant(seen, tf.int64))
+        seen += int(count)
+        yield picked
+
+
+_BINS = 1 << 16
+
+
+def _sortable(keys: tf.Tensor) -> tf.Tensor:
+    """float -> int32 with the same order (``-0.0`` ties with ``+0.0``); int32 unchanged."""
+    keys = tf.convert_to_tensor(keys)
+    if keys.dtype == tf.int32:
+        return keys
+    return _float_bits(tf.cast(keys, tf.float32))
 
 
 @tf.function(reduce_retracing=True)
-def _top_k_indices(keys, k, seed):
-    def select() -> tf.Tensor:
-        sortable = _sortable_bits(keys)  # int64 in [0, 2^32), same order as keys
-        high = sortable // 65536
-        top = _kth_bucket(high, k)
-        above_high = tf.math.count_nonzero(high > top, dtype=tf.int64)
-        low = tf.boolean_mask(sortable % 65536, high == top)
-        threshold = top * 65536 + _kth_bucket(low, k - above_high)
-        above = tf.where(sortable > threshold)[:, 0]
-        ties = tf.random.experimental.stateless_shuffle(tf.where(sortable == threshold)[:, 0], seed=seed)
-        return tf.concat([above, ties[: k - tf.size(above, out_type=tf.int64)]], axis=0)
-
-    return tf.cond(k > 0, select, lambda: tf.zeros([0], tf.int64))
+def _float_bits(keys):
+    bits = tf.bitcast(keys + 0.0, tf.int32)  # + 0.0 makes -0.0 into +0.0
+    # negatives: flip the magnitude bits, so that larger magnitudes sort lower
+    return tf.bitwise.bitwise_xor(bits, tf.bitwise.bitwise_and(tf.bitwise.right_shift(bits, 31), 0x7FFFFFFF))
 
 
-def _sortable_bits(keys: tf.Tensor) -> tf.Tensor:
-    """float32 -> int64 in [0, 2^32) with the same order: IEEE bits, with the magnitude
-    bits of negatives flipped; ``-0.0`` is made ``+0.0`` first so that the two tie."""
-    bits = tf.cast(tf.bitcast(keys + 0.0, tf.int32), tf.int64)
-    return tf.where(bits < 0, tf.bitwise.bitwise_xor(bits, 0x7FFFFFFF), bits) + 2**31
+@tf.function(reduce_retracing=True)
+def _high_counts(sortable):
+    return tf.math.bincount(tf.bitwise.right_shift(sortable, 16) + _BINS // 2, minlength=_BINS, maxlength=_BINS,
+                            dtype=tf.int64)
 
 
-def _kth_bucket(buckets: tf.Tensor, k: tf.Tensor) -> tf.Tensor:
-    """The largest b in [0, 65536) with count(buckets >= b) >= k (1 <= k <= size)."""
-    counts = tf.math.bincount(buckets, minlength=65536, maxlength=65536, dtype=tf.int64)
-    at_least = tf.cumsum(counts, reverse=True)
-    return tf.reduce_max(tf.where(at_least >= k)[:, 0])
+@tf.function(reduce_retracing=True)
+def _low_counts(sortable, top):
+    low = tf.where(tf.bitwise.right_shift(sortable, 16) == top, tf.bitwise.bitwise_and(sortable, 0xFFFF), _BINS)
+    return tf.math.bincount(low, minlength=_BINS, maxlength=_BINS, dtype=tf.int64)  # _BINS itself is dropped
+
+
+def _kth_bin(counts: np.ndarray, k: int) -> int:
+    """The largest bin b with ``sum(counts[b:]) >= k`` (1 <= k <= sum)."""
+    return len(counts) - 1 - int(np.flatnonzero(np.cumsum(counts[::-1]) >= k)[0])
+
+
+def _choose(ties: int, need: int, seed) -> tf.Tensor:
+    """``need`` of ``ties`` tie ordinals, uniformly at random, ascending (int64)."""
+    seed = tf.cast(seed, tf.int64)
+    if ties <= CHUNK:
+        return tf.sort(tf.random.experimental.stateless_shuffle(tf.range(ties, dtype=tf.int64), seed=seed)[:need])
+    return tf.sort(random_positions(ties, need, _fold(seed, 7)))
+
+
+@tf.function(reduce_retracing=True)
+def _pick(sortable, threshold, chosen, seen):
+    above = tf.where(sortable > threshold)[:, 0]
+    ties = tf.where(sortable == threshold)[:, 0]
+    count = tf.size(ties, out_type=tf.int64)
+    if chosen is not None:  # the chosen ordinals that fall in this chunk
+        lo, hi = tf.unstack(tf.searchsorted(chosen, tf.stack([seen, seen + count])))
+        ties = tf.gather(ties, chosen[lo:hi] - seen)
+    return tf.concat([above, ties], 0), count
 
 
 def swap_count(active: int, size: int, ratio: float, exclude_pruned: bool = False) -> int:
@@ -178,117 +270,112 @@ def prune_and_grow(
     )
 
 
-def prune_and_grow_positions(
-    positions: tf.Tensor,
-    values: tf.Tensor,
-    size: int,
-    grow_scores: tf.Tensor | None,
-    num_update: tf.Tensor | int,
-    seed: tuple[int, int],
-    exclude_pruned: bool = False,
-) -> tuple[tf.Tensor, tf.Tensor]:
-    """:func:`prune_and_grow` on a compact table: its active entries only.
-
-    Args:
-      positions: int64 [n], distinct flat positions of the active entries, ascending.
-      values: float [n], their weights.
-      size: number of entries of the whole (flat) table.
-      grow_scores: float [size] or None (random growth).
-      num_update, seed, exclude_pruned: as in :func:`prune_and_grow`.
-
-    Returns:
-      ``(keep, grown)``: bool [n], False for the pruned entries; int64 [num_update], the
-      flat positions grown. Given the same table, the same entries are chosen as by
-      :func:`prune_and_grow` (both storages share this ranking).
-
-    >>> keep, grown = prune_and_grow_positions(
-    ...     tf.constant([0, 1], tf.int64), tf.constant([0.1, 2.0]), 4, tf.constant([0.0, 0.0, 5.0, 1.0]), 1, (0, 0))
-    >>> keep.numpy().tolist(), grown.numpy().tolist()
-    ([False, True], [2])
-    """
-    return _select(
-        tf.cast(positions, tf.int64),
-        tf.convert_to_tensor(values),
-        tf.cast(size, tf.int64),
-        None if grow_scores is None else tf.convert_to_tensor(grow_scores),
-        tf.cast(num_update, tf.int64),
-        tf.constant(seed, tf.int64),
-        bool(exclude_pruned),
-    )
+def _keep_after_prune(values: tf.Tensor, num_update: int, seed) -> tf.Tensor:
+    """bool over ``values``: False for the ``num_update`` smallest ``|values|`` (the pruned),
+    ranked chunk by chunk (:func:`top_k_chunks`)."""
+    n = int(tf.size(values, out_type=tf.int64))
+    starts = range(0, n, CHUNK)
+    keys = tf.concat([tf.zeros([0], tf.int32)] + [_sortable(-tf.abs(tf.cast(values[a:a + CHUNK], tf.float32)))
+                                                  for a in starts], 0)  # 4 bytes per value, once
+    pruned = top_k_chunks(lambda: (keys[a:a + CHUNK] for a in starts), num_update, seed)
+    return tf.concat([tf.ones([0], tf.bool)] + [tf.logical_not(scatter_flags(min(CHUNK, n - a), idx))
+                                                for a, idx in zip(starts, pruned)], 0)
 
 
-def _keep_after_prune(values: tf.Tensor, num_update, seed) -> tf.Tensor:
-    """bool over ``values``: False for the ``num_update`` smallest ``|values|`` (the pruned)."""
-    pruned = top_k_indices(-tf.abs(tf.cast(values, tf.float32)), num_update, seed)
-    return tf.logical_not(scatter_flags(tf.size(values, out_type=tf.int64), pruned))
-
-
-@tf.function(reduce_retracing=True)
 def _select(positions, values, size, grow_scores, num_update, seed, exclude_pruned):
     keep = _keep_after_prune(values, num_update, seed)
     occupied = scatter_flags(size, positions if exclude_pruned else tf.boolean_mask(positions, keep))
     if grow_scores is None:
-        candidate_keys = tf.random.stateless_uniform([size], seed=seed + [1, 0])
+        keys = tf.where(occupied, tf.int32.min, tf.random.stateless_uniform(
+            [size], seed=seed + [1, 0], minval=None, maxval=None, dtype=tf.int32))
     else:
-        candidate_keys = tf.abs(tf.cast(grow_scores, tf.float32))
-    grown = top_k_indices(tf.where(occupied, _NEG_INF, candidate_keys), num_update, seed + [2, 0])
-    return keep, grown
+        keys = tf.where(occupied, _NEG_INF, tf.abs(tf.cast(grow_scores, tf.float32)))
+    return keep, top_k_indices(keys, num_update, seed + [2, 0])
 
 
-@tf.function(reduce_retracing=True)
 def _prune_and_grow(mask, weights, grow_scores, num_update, seed, exclude_pruned):
-    size = tf.size(mask, out_type=tf.int64)
+    size = int(tf.size(mask, out_type=tf.int64))
     active = tf.where(mask)[:, 0]  # rank only the active entries for pruning
-    keep, grown = _select(active, tf.gather(weights, active), size, grow_scores, num_update, seed,
+    keep, grown = _select(active, tf.gather(weights, active), size, grow_scores, int(num_update), seed,
                           exclude_pruned)
     pruned = tf.boolean_mask(active, tf.logical_not(keep))
     new_mask = tf.logical_and(mask, tf.logical_not(scatter_flags(size, pruned)))
     return tf.logical_or(new_mask, scatter_flags(size, grown)), pruned, grown
 
 
-def prune_and_grow_sparse(
-    positions: tf.Tensor,
-    values: tf.Tensor,
-    size: int,
-    candidates: tf.Tensor | None,
-    candidate_scores: tf.Tensor | None,
+GROWTH_SOURCES = ("scores", "window", "random")
+
+
+def compact_prune_and_grow(
+    layer,
     num_update: int,
     seed: tuple[int, int],
+    growth: str = "scores",
     exclude_pruned: bool = False,
-) -> tuple[tf.Tensor, tf.Tensor]:
-    """:func:`prune_and_grow_positions` without any tensor of the table's size.
+) -> tuple[tf.Tensor, list[tf.Tensor]]:
+    """:func:`prune_and_grow` on a :class:`dsl_tf.CompactMaskedEmbedding`, by row chunks of at
+    most :data:`CHUNK` entries, so that memory is O(budget + chunk): no tensor of the table's
+    size is made (except the layer's own ``growth_scores`` if it keeps them).
 
-    Pruning is the same (smallest ``|values|``). Growth ranks only the given
-    ``candidates`` (distinct int64 flat positions, e.g. the entries of the rows looked up
-    in the last batches) by ``|candidate_scores|``; whatever is still due is grown
-    uniformly at random among the free entries (all of them when ``candidates`` is None:
-    SET). Memory is O(active + candidates + grown).
+    Pruning ranks the active values (smallest ``|w|``). Growth, among the entries free
+    after the prune (or before it, ``exclude_pruned``):
 
-    Returns ``(keep, grown)`` as :func:`prune_and_grow_positions` does.
+    * ``"scores"``: the largest accumulated ``|scores|`` (``growth_scores`` ``"dense"``, the
+      exact accumulator, ranked by the same selection as the dense-mask storage's, so both
+      choose the same entries; or ``"int8"``);
+    * ``"window"``: the largest ``|Σ gradient|`` of the entries of the rows in the layer's
+      score window (``window_scores``), the rest as ``"random"``;
+    * ``"random"``: uniformly at random (SET), stratified by row chunk (each chunk's share
+      proportional to its free entries).
 
-    >>> keep, grown = prune_and_grow_sparse(tf.constant([0, 1], tf.int64), tf.constant([0.1, 2.0]), 4,
-    ...     tf.constant([2, 3], tf.int64), tf.constant([5.0, 1.0]), 1, (0, 0))
-    >>> keep.numpy().tolist(), grown.numpy().tolist()
-    ([False, True], [2])
+    Returns ``(keep, grown)``: bool ``[budget]``, False for the pruned values; a list of int64
+    tensors of distinct flat positions, ``num_update`` in all (for
+    :func:`dsl_tf.masks.apply_compact_update`).
     """
-    positions = tf.cast(positions, tf.int64)
+    if growth not in GROWTH_SOURCES:
+        raise ValueError(f"growth must be one of {GROWTH_SOURCES}, got {growth!r}")
     seed = tf.constant(seed, tf.int64)
     num_update = int(num_update)
-    keep = _keep_after_prune(values, num_update, seed)
-    occupied = positions if exclude_pruned else tf.boolean_mask(positions, keep)
+    keep = _keep_after_prune(tf.convert_to_tensor(layer.values), num_update, seed)
+    chunks = layer.row_chunks(CHUNK)
+
+    def occupied(r0: int, r1: int) -> tf.Tensor:  # local flat positions of the chunk's occupied entries
+        v0, v1, local = layer.chunk_positions(r0, r1)
+        return local if exclude_pruned else tf.boolean_mask(local, keep[v0:v1])
+
+    dim = layer.output_dim
+    if growth == "scores":
+        read = layer.score_reader()
+
+        def keys():
+            for r0, r1 in chunks:
+                taken = scatter_flags((r1 - r0) * dim, occupied(r0, r1))
+                yield tf.where(taken, _NEG_INF, tf.abs(tf.reshape(read(r0, r1), [-1])))
+
+        return keep, [idx + r0 * dim for (r0, _), idx in zip(chunks, top_k_chunks(keys, num_update, seed + [2, 0]))]
     grown = tf.zeros([0], tf.int64)
-    if candidates is not None:
-        candidates = tf.cast(candidates, tf.int64)
-        free = tf.logical_not(PositionBitmap(size, occupied).contains(candidates))
-        keys = tf.abs(tf.cast(tf.boolean_mask(candidate_scores, free), tf.float32))
-        candidates = tf.boolean_mask(candidates, free)
-        take = min(num_update, int(tf.size(candidates)))
-        grown = tf.gather(candidates, top_k_indices(keys, take, seed + [2, 0]))
-    rest = num_update - int(tf.size(grown))
-    if rest:
-        taken = tf.concat([occupied, grown], 0)
-        grown = tf.concat([grown, random_free_positions(size, taken, rest, seed + [3, 0])], 0)
-    return keep, grown
+    if growth == "window":
+        candidates, candidate_scores = layer.window_scores()
+        free = tf.ones_like(candidates, tf.bool)
+        for r0, r1 in chunks:
+            inside = (candidates >= r0 * dim) & (candidates < r1 * dim)
+            taken = PositionBitmap((r1 - r0) * dim, occupied(r0, r1)).contains(
+                tf.where(inside, candidates - r0 * dim, 0))
+            free = free & ~(inside & taken)
+        candidates, keys = tf.boolean_mask(candidates, free), tf.abs(tf.boolean_mask(candidate_scores, free))
+        grown = tf.gather(candidates, top_k_indices(keys, min(num_update, int(tf.size(keys))), seed + [2, 0]))
+    grown_chunks = [grown]
+    in_chunk = [tf.boolean_mask(grown, (grown >= r0 * dim) & (grown < r1 * dim)) - r0 * dim for r0, r1 in chunks]
+    free_counts = []
+    for (r0, r1), mine in zip(chunks, in_chunk):
+        v0, v1 = layer.value_range(r0, r1)
+        held = v1 - v0 if exclude_pruned else int(tf.math.count_nonzero(keep[v0:v1], dtype=tf.int64))
+        free_counts.append((r1 - r0) * dim - held - int(tf.size(mine)))
+    for c, ((r0, r1), mine, quota) in enumerate(zip(chunks, in_chunk, quotas(free_counts, num_update - int(tf.size(grown))))):
+        if quota:
+            taken = tf.concat([occupied(r0, r1), mine], 0)
+            grown_chunks.append(random_free_positions((r1 - r0) * dim, taken, quota, _fold(seed + [3, 0], c)) + r0 * dim)
+    return keep, grown_chunks
 
 
 def random_free_positions(size: int, taken: tf.Tensor, count: int, seed, max_rounds: int = 50) -> tf.Tensor:

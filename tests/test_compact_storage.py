@@ -118,7 +118,7 @@ def test_budget_mismatch_and_missing_scores_are_clear_errors():
     with pytest.raises(ValueError, match=r"'table' stores 160 active entries \(sparsity 0.5\) but DynamicSparsity asks for 64"):
         model.fit(x, y, verbose=0, callbacks=[DynamicSparsity(0.8, 5)])
     model = _model(CompactMaskedEmbedding, sparsity=0.5, growth_scores="none")
-    with pytest.raises(ValueError, match=r"growth=.gradient. needs growth_scores in \(.dense., .window.\)"):
+    with pytest.raises(ValueError, match=r"growth=.gradient. needs growth_scores in \(.dense., .int8., .window.\)"):
         model.fit(x, y, verbose=0, callbacks=[DynamicSparsity(0.5, 5)])
     with pytest.raises(ValueError, match="element-wise initializer"):
         CompactMaskedEmbedding(10, 4, embeddings_initializer="glorot_uniform")
@@ -139,7 +139,8 @@ def test_checkpoint_round_trip_restores_layout_and_values(tmp_path):
     assert CompactMaskedEmbedding.from_config(config).budget == 80
 
 
-@pytest.mark.parametrize("scores, growth", [("window", "gradient"), ("none", "random"), ("none", "none")])
+@pytest.mark.parametrize("scores, growth", [("window", "gradient"), ("int8", "gradient"), ("int8", "momentum"),
+                                            ("none", "random"), ("none", "none")])
 def test_planted_signal_with_cheap_scores(scores, growth):
     """Only 2 of 8 coordinates reach the output: window-scored DSL moves > 90% of its budget onto
     them, SET (magnitude pruning, random regrowth) part of it, RP (static mask) none; budgets stay exact."""
@@ -160,7 +161,7 @@ def test_planted_signal_with_cheap_scores(scores, growth):
     mask = layer.dense_mask().numpy()
     assert mask.sum() == layer.budget == 400
     coverage = mask[:, signal].sum() / mask.sum()
-    expected = {"gradient": (0.9, 1.0), "random": (0.4, 0.9), "none": (0.0, 0.35)}[growth]
+    expected = {"gradient": (0.9, 1.0), "momentum": (0.9, 1.0), "random": (0.4, 0.9), "none": (0.0, 0.35)}[growth]
     assert expected[0] < coverage <= expected[1], coverage
     assert len(dsl.explorations) == 29 and (growth == "none") == (dsl.explorations[0]["dsl_num_swapped"] == 0)
 
@@ -207,3 +208,28 @@ def test_numpy_scalars_and_bad_arguments():
         CompactMaskedEmbedding(10, 2, growth_scores="exact")
     with pytest.raises(ValueError, match="score_capacity must be a positive integer, got 0"):
         CompactMaskedEmbedding(10, 2, score_capacity=0)
+
+
+def test_int8_scores_rank_like_the_exact_ones_in_a_byte_per_entry():
+    """The int8 accumulator keeps each row's sum to within half a step (its largest |score| / 254)
+    over many batches with repeated rows, so the entries it ranks first are the exact ones'."""
+    rows, dim = 50, 16
+    exact = CompactMaskedEmbedding(rows, dim, sparsity=0.5, growth_scores="dense")
+    cheap = CompactMaskedEmbedding(rows, dim, sparsity=0.5, growth_scores="int8")
+    rng = np.random.default_rng(0)
+    for layer in (exact, cheap):
+        layer.build(None)
+    for _ in range(30):
+        ids = tf.constant(rng.integers(0, rows, 64))
+        grads = tf.constant(rng.normal(size=(64, dim)).astype(np.float32))
+        exact._add_scores(grads, ids)
+        cheap._add_scores(grads, ids)
+    ref = exact.growth_scores.numpy()
+    got = cheap.score_reader()(0, rows).numpy()
+    step = np.abs(ref).max(axis=1, keepdims=True) / 127
+    assert np.all(np.abs(got - ref) <= 0.5 * step * 30 + 1e-6)  # at most half a step lost per update of a row
+    top = lambda a: set(np.argsort(-np.abs(a).ravel())[:40].tolist())  # noqa: E731
+    assert len(top(got) & top(ref)) >= 38
+    assert sum(v.shape.num_elements() * v.dtype.size for v in (cheap.score_q, cheap.score_scale)) == rows * (dim + 4)
+    cheap.reset_scores(0.5)
+    np.testing.assert_allclose(cheap.score_reader()(0, rows).numpy(), got * 0.5, rtol=1e-6)

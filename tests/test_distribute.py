@@ -74,3 +74,18 @@ def test_multi_worker_mirrored_strategy_two_processes(tmp_path, storage):
         np.testing.assert_array_equal(w0[key][0], w1[key][0])
     # each worker reads the growth scores reduced over both workers: the same on both
     np.testing.assert_allclose(w0["scores_reduced"], w1["scores_reduced"], rtol=1e-6)
+
+
+@pytest.mark.parametrize("scores", ["int8", "window"])
+def test_single_replica_score_modes_refuse_several_replicas(scores):
+    code = (
+        "import dsl_tf, tensorflow as tf\n"
+        "cpu = tf.config.list_physical_devices('CPU')[0]\n"
+        "tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)\n"
+        "with tf.distribute.MirroredStrategy(['/cpu:0', '/cpu:1']).scope():\n"
+        "    try:\n"
+        f"        dsl_tf.CompactMaskedEmbedding(10, 4, growth_scores={scores!r}, name='t').build(None)\n"
+        "    except ValueError as error:\n"
+        "        print('ERROR', error)\n")
+    proc = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, timeout=300)
+    assert f"ERROR t: growth_scores={scores!r} works on one replica, the strategy has 2" in proc.stdout, proc.stderr[-2000:]

@@ -2,6 +2,8 @@
 
 import numpy as np
 import tensorflow as tf
+
+import dsl_tf
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -140,22 +142,49 @@ def test_random_free_positions_avoid_taken_and_are_distinct():
         selection.random_free_positions(1000, taken, 501, (0, 0))
 
 
-@settings(max_examples=30, deadline=None)
-@given(st.integers(20, 300), st.floats(0.1, 0.9), st.floats(0.0, 1.0), st.integers(0, 2**30), st.booleans())
-def test_sparse_growth_ranks_candidates_like_numpy(size, sparsity, ratio, seed, exclude_pruned):
-    """With every entry a candidate, prune_and_grow_sparse chooses what prune_and_grow does."""
+@settings(max_examples=25, deadline=None)
+@given(st.integers(20, 300), st.integers(1, 5), st.floats(0.1, 0.9), st.floats(0.0, 1.0), st.integers(0, 2**30),
+       st.booleans(), st.sampled_from(["scores", "window", "random"]))
+def test_compact_chunked_selection_matches_the_dense_one(rows, dim, sparsity, ratio, seed, exclude_pruned, growth):
+    """compact_prune_and_grow, by row chunks of 64 rows and value chunks of 128 entries, prunes
+    and grows what prune_and_grow chooses on the dense mask (exact growth scores, or a window
+    holding every row); random growth keeps the budget and only takes free entries."""
+    size = rows * dim
     rng = np.random.default_rng(seed)
-    mask = np.zeros(size, bool)
-    mask[rng.choice(size, masks.budget(size, sparsity), replace=False)] = True
+    layer = dsl_tf.CompactMaskedEmbedding(rows, dim, sparsity=sparsity, score_capacity=rows,
+                                          growth_scores="window" if growth == "window" else "dense")
+    layer.build(None)
+    positions = np.sort(rng.choice(size, layer.budget, replace=False))
+    layer.set_layout(tf.constant(positions))
     w = rng.permutation(size).astype(np.float32) + 0.5
-    score = rng.permutation(size).astype(np.float32)
+    score = rng.permutation(size).astype(np.float32) - size / 2  # |score| ties: broken alike in both storages
+    if growth == "window":  # ranked in window order, not flat order: no ties, so that the choice is unique
+        score = (score + size) * rng.choice([-1, 1], size)
+    layer.values.assign(w[positions])
+    if growth == "window":
+        layer.score_rows.assign(rng.permutation(rows))
+        layer.score_grads.assign(score.reshape(rows, dim)[layer.score_rows.numpy()])
+    else:
+        layer.growth_scores.assign(score.reshape(rows, dim))
+    mask = np.zeros(size, bool)
+    mask[positions] = True
     k = int(selection.num_updates(tf.constant(mask), ratio, exclude_pruned).numpy())
-    positions = np.flatnonzero(mask)
-    keep, grown = selection.prune_and_grow_sparse(positions, w[positions], size, np.arange(size), score, k,
-                                                  (seed, 1), exclude_pruned)
-    new, pruned, ref_grown = selection.prune_and_grow(mask, w, score, k, (seed, 1), exclude_pruned)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(selection, "CHUNK", 128)
+        keep, grown = selection.compact_prune_and_grow(layer, k, (seed, 1), growth, exclude_pruned)
+    grown = np.concatenate([g.numpy() for g in grown])
+    new, pruned, ref_grown = selection.prune_and_grow(mask, w, None if growth == "random" else score, k, (seed, 1),
+                                                      exclude_pruned)
     assert set(positions[~keep.numpy()].tolist()) == set(pruned.numpy().tolist())
-    assert set(grown.numpy().tolist()) == set(ref_grown.numpy().tolist())
+    assert len(grown) == len(set(grown.tolist())) == k
+    if growth == "random":
+        occupied = positions if exclude_pruned else positions[keep.numpy()]
+        assert not set(grown.tolist()) & set(occupied.tolist()) and grown.min(initial=0) >= 0 and grown.max(initial=0) < size
+    else:
+        assert set(grown.tolist()) == set(ref_grown.numpy().tolist())
+    masks.apply_compact_update(layer, keep, [tf.constant(grown, tf.int64)])
+    expected = np.sort(np.concatenate([positions[keep.numpy()], grown]))
+    np.testing.assert_array_equal(layer.positions().numpy(), expected)
 
 
 def test_top_k_indices_orders_every_float_like_numpy():
