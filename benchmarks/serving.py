@@ -1,28 +1,42 @@
-"""Compact vs dense TF Serving exports: bytes, request latency, peak RSS and load time.
+"""Compact vs dense TF Serving exports: bytes, peak RSS of a loaded servable, latency, CPU time.
 
-Model: a two-tower retrieval model with Gowalla-sized tables (29,858 users, 40,981 items,
-dim 64, towers = MaskedEmbedding + L2 normalisation like ``trainers.models.TwoTower``),
-random tables with exact-budget random masks at each sparsity s. Variants, exported with
-``export.export_model``:
+Models (``--backbone``), random tables with exact-budget random masks at each sparsity s:
+
+* ``two_tower``: Gowalla-sized towers (29,858 users, 40,981 items, dim 64, each a
+  ``MaskedEmbedding`` + L2 normalisation like ``trainers.models.TwoTower``);
+* ``lightgcn``: ``trainers.models.LightGCN`` (3 layers) on a random graph with Gowalla's
+  number of training interactions (810,128 by default).
+
+Variants, exported with ``export.export_model``:
 
 * ``dense``             dense float32 tables (the baseline every ratio is against);
-* ``compact``           compact float32, item matrix rebuilt once at load (the default);
-* ``compact-rebuild``   compact float32, item matrix rebuilt on every request;
-* ``compact-f16``       compact float16 values, item matrix rebuilt once at load.
+* ``compact``           compact float32, the default: retrieval multiplies straight from the
+                        compact item table (``item_matrix="sparse"``), no dense item matrix;
+* ``compact-cache``     compact float32, dense item matrix built once at load;
+* ``compact-rebuild``   compact float32, dense item matrix built on every request;
+* ``compact-f16``       compact float16 values, default scoring.
 
-Measured:
+(``lightgcn``: ``dense`` stores the final propagated vectors, ``compact`` the compact base
+tables + the graph, propagated once at load; the item-matrix options do not apply.)
+
+Measured per variant:
 
 * bytes of the version folder (saved_model.pb + variables/ + assets.extra/);
-* p50/p99 latency of ``serving_default`` through a TF1 ``Session`` (the way TF Serving runs
-  it: ``loader.load`` + feeding the SignatureDef tensors, via ``Session.make_callable``),
-  batch 1 and 64, all variants loaded in one process and interleaved request by request
-  (random order per round) so machine noise hits them alike;
-* peak RSS (VmHWM) and final RSS (VmRSS) and load time of a fresh process that imports
-  TensorFlow only, loads the version through the TF1 loader and serves 50 batch-64
-  requests, minus the same figures of a process that loads nothing (TF runtime + session);
-  ``ru_maxrss`` is not used: after fork+exec it still includes the (large) parent's peak.
+* in a fresh process per variant (TensorFlow imported, the version loaded with the TF1
+  loader as TF Serving does, then 30 batch-64 ``serving_default`` requests): load seconds,
+  peak RSS (VmHWM) and final RSS (VmRSS) minus those of a process that loads nothing, and
+  the process CPU seconds (user + system, all threads) per batch-64 request — the cost of
+  scoring every item;
+* p50/p99 latency of ``serving_default`` (k=20) at batch 1 and 64 through a TF1 ``Session``
+  (``Session.make_callable``), all variants of a sparsity loaded in one process and
+  interleaved request by request in random order, so machine noise hits them alike.
 
-Usage: python benchmarks/serving.py [--sparsities 0.5 0.8 0.9] [--rounds 200] [--out DIR]
+Results go to ``--json`` after every variant: a rerun with the same ``--json`` and ``--out``
+skips what is there (resumable). ``--quick``: small tables, one sparsity, few requests.
+
+    python benchmarks/serving.py --json docs/serving.json --out /tmp/dsl_bench_serving
+    python benchmarks/serving.py --backbone lightgcn --sparsities 0.8 --json /tmp/lgcn.json --out /tmp/dsl_lgcn
+    python benchmarks/serving.py --quick --json /tmp/q.json --out /tmp/q
 """
 
 from __future__ import annotations
@@ -30,10 +44,8 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -41,6 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import dsl_tf  # noqa: E402  (before tf.keras)
 import numpy as np  # noqa: E402
+import scipy.sparse as sp  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from export.servable import SessionServable, export_model  # noqa: E402
@@ -48,16 +61,19 @@ from export.servable import SessionServable, export_model  # noqa: E402
 VARIANTS = {
     "dense": dict(fmt="dense"),
     "compact": dict(fmt="compact"),
+    "compact-cache": dict(fmt="compact", item_matrix="cache"),
     "compact-rebuild": dict(fmt="compact", item_matrix="rebuild"),
     "compact-f16": dict(fmt="compact", values="float16"),
 }
+GRAPH_VARIANTS = ("dense", "compact", "compact-f16")
+GOWALLA_INTERACTIONS = 810_128
 
 _CHILD = r"""
 import os, sys, time
 os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
 import numpy as np
 import tensorflow as tf
-path, users = sys.argv[1], int(sys.argv[2])
+path, users, requests = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 rng = np.random.default_rng(0)
 start = time.perf_counter()
 graph = tf.Graph()
@@ -72,12 +88,25 @@ with graph.as_default():
         x = tf.compat.v1.placeholder(tf.int64, [None])
         fetch, feed = [x + 1], x
 load = time.perf_counter() - start
-for _ in range(50):
+sess.run(fetch, {feed: rng.integers(0, users, 64)})
+cpu = time.process_time()  # all threads of this process
+for _ in range(requests):
     sess.run(fetch, {feed: rng.integers(0, users, 64)})
+cpu_per_request = (time.process_time() - cpu) / requests
 status = dict(line.split(":", 1) for line in open("/proc/self/status"))
 # VmHWM / VmRSS belong to this process image (ru_maxrss would include the forked parent's)
-print(load, int(status["VmHWM"].split()[0]) * 1024, int(status["VmRSS"].split()[0]) * 1024)
+print(load, int(status["VmHWM"].split()[0]) * 1024, int(status["VmRSS"].split()[0]) * 1024, cpu_per_request)
 """
+
+
+def _random_masks(model, sparsity: float, rng: np.random.Generator) -> None:
+    for layer in dsl_tf.masked_embeddings(model):
+        size = layer.input_dim * layer.output_dim
+        mask = np.zeros(size, np.float32)
+        mask[rng.permutation(size)[: int(round((1 - sparsity) * size))]] = 1.0
+        mask = mask.reshape(layer.input_dim, layer.output_dim)
+        layer.mask.assign(mask)
+        layer.embeddings.assign(rng.standard_normal(mask.shape).astype(np.float32) * 0.1 * mask)
 
 
 class _Tower2(tf.keras.Model):
@@ -88,33 +117,39 @@ class _Tower2(tf.keras.Model):
         self.item_tower = tf.keras.Sequential([dsl_tf.MaskedEmbedding(items, dim, name="item_embedding"), norm()])
 
 
-def random_model(users: int, items: int, dim: int, sparsity: float, seed: int = 0) -> _Tower2:
+def random_model(backbone: str, users: int, items: int, dim: int, sparsity: float, interactions: int,
+                 seed: int = 0):
+    """``(model, training CSR or None)`` with random tables and exact-budget random masks."""
     rng = np.random.default_rng(seed)
-    model = _Tower2(users, items, dim)
-    model.user_tower(tf.constant([0])), model.item_tower(tf.constant([0]))
-    for layer in dsl_tf.masked_embeddings(model):
-        size = layer.input_dim * dim
-        mask = np.zeros(size, np.float32)
-        mask[rng.permutation(size)[: int(round((1 - sparsity) * size))]] = 1.0
-        mask = mask.reshape(layer.input_dim, dim)
-        layer.mask.assign(mask)
-        layer.embeddings.assign(rng.standard_normal(mask.shape).astype(np.float32) * 0.1 * mask)
-    return model
+    if backbone == "two_tower":
+        model = _Tower2(users, items, dim)
+        model.user_tower(tf.constant([0])), model.item_tower(tf.constant([0]))
+        _random_masks(model, sparsity, rng)
+        return model, None
+    from trainers.models import build_model
+
+    flat = np.unique(rng.integers(0, users * items, size=interactions))
+    train = sp.csr_matrix((np.ones(len(flat), np.float32), (flat // items, flat % items)), shape=(users, items))
+    model = build_model("lightgcn", users, items, dim=dim)
+    model.attach(train)
+    model.user_table(tf.constant([0])), model.item_table(tf.constant([0]))
+    _random_masks(model, sparsity, rng)
+    return model, train
 
 
-def child(path: str, users: int) -> tuple[float, int, int]:
-    """(load seconds, peak RSS, RSS after serving) of a fresh process."""
-    out = subprocess.run([sys.executable, "-c", _CHILD, path, str(users)], capture_output=True,
+def child(path: str, users: int, requests: int) -> tuple[float, int, int, float]:
+    """(load seconds, peak RSS, RSS after serving, CPU seconds per batch-64 request) of a fresh process."""
+    out = subprocess.run([sys.executable, "-c", _CHILD, path, str(users), str(requests)], capture_output=True,
                          text=True, check=True)
-    load, peak, rss = out.stdout.split()[-3:]
-    return float(load), int(peak), int(rss)
+    load, peak, rss, cpu = out.stdout.split()[-4:]
+    return float(load), int(peak), int(rss), float(cpu)
 
 
 def latencies(servables: dict, users: int, batch: int, rounds: int) -> dict:
     rng = np.random.default_rng(batch)
     calls = {name: s.callable("serving_default") for name, s in servables.items()}
-    for name, call in calls.items():  # warm up
-        for _ in range(5):
+    for call in calls.values():  # warm up
+        for _ in range(3):
             call(rng.integers(0, users, batch))
     times = {name: [] for name in calls}
     order = list(calls)
@@ -129,82 +164,95 @@ def latencies(servables: dict, users: int, batch: int, rounds: int) -> dict:
             for name, t in times.items()}
 
 
+def _ratios(rows: list[dict]) -> None:
+    """Every row's figures relative to the dense row of its backbone and sparsity."""
+    for row in rows:
+        dense = next((r for r in rows if r["variant"] == "dense" and r["sparsity"] == row["sparsity"]
+                      and r["backbone"] == row["backbone"]), None)
+        if dense is None:
+            continue
+        for key in ("bytes", "peak_above_base", "rss_above_base", "cpu_per_request_b64", "p50_b1_ms", "p50_b64_ms",
+                    "load_s"):
+            row[f"{key}_ratio"] = row[key] / dense[key] if dense[key] else float("nan")
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--backbone", choices=("two_tower", "lightgcn"), default="two_tower")
     p.add_argument("--users", type=int, default=29858)
     p.add_argument("--items", type=int, default=40981)
     p.add_argument("--dim", type=int, default=64)
-    p.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.8, 0.9])
+    p.add_argument("--interactions", type=int, default=GOWALLA_INTERACTIONS, help="lightgcn: training edges")
+    p.add_argument("--sparsities", type=float, nargs="+", default=[0.8])
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), help="default: all that apply")
     p.add_argument("--rounds", type=int, default=200, help="interleaved requests per variant and batch size")
+    p.add_argument("--requests", type=int, default=30, help="batch-64 requests of the RSS / CPU process")
     p.add_argument("--rss-repeats", type=int, default=2, help="fresh processes per variant (min is kept)")
-    p.add_argument("--out", help="keep the exports here (default: a temporary directory)")
-    p.add_argument("--json", help="also write the results as JSON")
+    p.add_argument("--out", default="/tmp/dsl_bench_serving", help="exports (kept, for resuming)")
+    p.add_argument("--json", required=True, help="results file (read first: present rows are skipped)")
+    p.add_argument("--quick", action="store_true", help="2,000 users x 3,000 items x 32, s=0.8, 20 rounds")
     args = p.parse_args(argv)
+    if args.quick:
+        args.users, args.items, args.dim, args.interactions = 2000, 3000, 32, 20000
+        args.sparsities, args.rounds, args.requests, args.rss_repeats = [0.8], 20, 5, 1
+    variants = args.variants or [v for v in VARIANTS if args.backbone == "two_tower" or v in GRAPH_VARIANTS]
     random.seed(0)
+    path = Path(args.json)
+    saved = json.loads(path.read_text()) if path.exists() else {"rows": []}
+    rows = saved["rows"]
     print("command: " + " ".join([Path(sys.executable).name, "benchmarks/serving.py"] + (argv or sys.argv[1:])))
-    print(f"tables: {args.users} users, {args.items} items, dim {args.dim}; TF {tf.__version__}; "
-          f"{args.rounds} interleaved requests per variant and batch size", flush=True)
-    root = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="dsl_bench_serving_"))
-    base = [child("-", args.users) for _ in range(args.rss_repeats)]
-    base_peak, base_rss = min(b[1] for b in base), min(b[2] for b in base)
-    print(f"baseline process (TF imported, empty session): peak RSS {base_peak / 2**20:.1f} MB, "
-          f"after serving {base_rss / 2**20:.1f} MB", flush=True)
-    results = []
-    try:
-        for s in args.sparsities:
-            model = random_model(args.users, args.items, args.dim, s)
-            exported = {}
-            for name, kw in VARIANTS.items():
-                exported[name] = export_model(model, root / f"s{s}", name, k=20, compare_dense=False,
-                                              overwrite=True, version=1, **kw)
-            servables = {name: SessionServable(r.path) for name, r in exported.items()}
-            lat = {b: latencies(servables, args.users, b, args.rounds) for b in (1, 64)}
-            for sess in servables.values():
-                sess.close()
-            peaks = {name: [] for name in exported}
-            rss = {name: [] for name in exported}
-            loads = {name: [] for name in exported}
-            for _ in range(args.rss_repeats):
-                for name in random.sample(list(exported), len(exported)):
-                    load, peak, steady = child(str(exported[name].path), args.users)
-                    peaks[name].append(peak)
-                    rss[name].append(steady)
-                    loads[name].append(load)
-            dense = exported["dense"].bytes
-            for name, r in exported.items():
-                results.append({
-                    "sparsity": s, "variant": name, "bytes": r.bytes, "bytes_ratio": r.bytes / dense,
-                    **{f"p{q}_b{b}_ms": lat[b][name][i] for b in (1, 64) for i, q in enumerate((50, 99))},
-                    **{f"p50_b{b}_ratio": lat[b][name][0] / lat[b]["dense"][0] for b in (1, 64)},
-                    "peak_rss": min(peaks[name]), "peak_above_base": min(peaks[name]) - base_peak,
-                    "rss": min(rss[name]), "rss_above_base": min(rss[name]) - base_rss,
-                    "load_s": min(loads[name]),
-                })
-            for row in results[-len(exported):]:
-                d = next(x for x in results[-len(exported):] if x["variant"] == "dense")
-                row["peak_ratio"] = row["peak_above_base"] / d["peak_above_base"]
-                row["rss_ratio"] = row["rss_above_base"] / d["rss_above_base"]
-            print(f"  s={s}: done", flush=True)
-    finally:
-        if not args.out:
-            shutil.rmtree(root, ignore_errors=True)
-    header = (f"{'s':>4} {'variant':<16} {'MB':>6} {'/dense':>6} | {'b1 p50':>7} {'p99':>7} {'b64 p50':>8} "
-              f"{'p99':>7} {'p50/dense b1':>12} {'b64':>5} | {'peak+':>6} {'/dense':>6} {'RSS+':>6} {'/dense':>6}"
-              f" | {'load s':>6}")
-    print("\nlatency in ms (TF1 session, serving_default, k=20); MB = version folder (1e6 bytes); "
-          "peak+ / RSS+ = MiB of a fresh load+serve process's peak (VmHWM) / final (VmRSS) RSS above "
-          "the empty-session baseline")
+    print(f"{args.backbone}: {args.users} users, {args.items} items, dim {args.dim}; TF {tf.__version__}", flush=True)
+    if "baseline_peak" not in saved:
+        base = [child("-", args.users, args.requests) for _ in range(args.rss_repeats)]
+        saved["baseline_peak"], saved["baseline_rss"] = min(b[1] for b in base), min(b[2] for b in base)
+    root = Path(args.out) / args.backbone
+    for s in args.sparsities:
+        done = {r["variant"] for r in rows if r["sparsity"] == s and r["backbone"] == args.backbone}
+        todo = [v for v in variants if v not in done]
+        if not todo:
+            continue
+        model, train = random_model(args.backbone, args.users, args.items, args.dim, s, args.interactions)
+        exported = {}
+        for name in todo:
+            kw = {key: value for key, value in VARIANTS[name].items() if args.backbone == "two_tower"
+                  or key != "item_matrix"}
+            exported[name] = export_model(model, root / f"s{s}", name, k=20, compare_dense=False, overwrite=True,
+                                          version=1, interactions=train, **kw)
+        servables = {name: SessionServable(r.path) for name, r in exported.items()}
+        lat = {b: latencies(servables, args.users, b, args.rounds) for b in (1, 64)}
+        for session in servables.values():
+            session.close()
+        for name in random.sample(todo, len(todo)):
+            runs = [child(str(exported[name].path), args.users, args.requests) for _ in range(args.rss_repeats)]
+            rows.append({
+                "backbone": args.backbone, "sparsity": s, "variant": name, "bytes": exported[name].bytes,
+                **{f"p{q}_b{b}_ms": lat[b][name][i] for b in (1, 64) for i, q in enumerate((50, 99))},
+                "peak_above_base": min(r[1] for r in runs) - saved["baseline_peak"],
+                "rss_above_base": min(r[2] for r in runs) - saved["baseline_rss"],
+                "load_s": min(r[0] for r in runs), "cpu_per_request_b64": min(r[3] for r in runs),
+                "sizes": [args.users, args.items, args.dim], "tensorflow": tf.__version__,
+            })
+            _ratios(rows)
+            path.write_text(json.dumps(saved, indent=2))
+            print(f"  s={s} {name}: done", flush=True)
+    _ratios(rows)
+    path.write_text(json.dumps(saved, indent=2))
+    header = (f"{'backbone':<9} {'s':>4} {'variant':<16} {'MB':>6} {'/dense':>6} | {'b1 p50':>7} {'/dense':>6} "
+              f"{'b64 p50':>8} {'/dense':>6} | {'peak+MB':>7} {'/dense':>6} | {'cpu b64':>7} {'/dense':>6} | "
+              f"{'load s':>6}")
+    print("\nlatency ms (TF1 session, serving_default, k=20, interleaved); MB = version folder (1e6 bytes); "
+          "peak+ = MiB of a fresh load+serve process's peak RSS above an empty session's; cpu b64 = process CPU s "
+          "per batch-64 request")
     print(header)
     print("-" * len(header))
-    for r in results:
-        print(f"{r['sparsity']:>4} {r['variant']:<16} {r['bytes'] / 1e6:>6.2f} {r['bytes_ratio']:>6.3f} | "
-              f"{r['p50_b1_ms']:>7.2f} {r['p99_b1_ms']:>7.2f} {r['p50_b64_ms']:>8.2f} {r['p99_b64_ms']:>7.2f} "
-              f"{r['p50_b1_ratio']:>12.2f} {r['p50_b64_ratio']:>5.2f} | {r['peak_above_base'] / 2**20:>6.1f} "
-              f"{r['peak_ratio']:>6.2f} {r['rss_above_base'] / 2**20:>6.1f} {r['rss_ratio']:>6.2f} | "
-              f"{r['load_s']:>6.2f}")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"baseline_peak": base_peak, "baseline_rss": base_rss, "rows": results}, indent=2))
-    return {"baseline_peak": base_peak, "baseline_rss": base_rss, "rows": results}
+    for r in sorted(rows, key=lambda r: (r["backbone"], r["sparsity"], list(VARIANTS).index(r["variant"]))):
+        print(f"{r['backbone']:<9} {r['sparsity']:>4} {r['variant']:<16} {r['bytes'] / 1e6:>6.2f} "
+              f"{r.get('bytes_ratio', float('nan')):>6.3f} | {r['p50_b1_ms']:>7.2f} "
+              f"{r.get('p50_b1_ms_ratio', float('nan')):>6.2f} {r['p50_b64_ms']:>8.2f} "
+              f"{r.get('p50_b64_ms_ratio', float('nan')):>6.2f} | {r['peak_above_base'] / 2**20:>7.1f} "
+              f"{r.get('peak_above_base_ratio', float('nan')):>6.2f} | {r['cpu_per_request_b64']:>7.4f} "
+              f"{r.get('cpu_per_request_b64_ratio', float('nan')):>6.2f} | {r['load_s']:>6.2f}")
+    return saved
 
 
 if __name__ == "__main__":

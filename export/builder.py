@@ -1,165 +1,49 @@
-"""The servable: a ``tf.Module`` whose four ``tf.function`` s become TF Serving signatures.
+"""Servables: ``tf.Module`` s whose ``tf.function`` s become TF Serving signatures.
 
-Signatures (all ``tensorflow/serving/predict``; ``ID`` is ``string`` when the data's raw ids
-are strings, ``int64`` when they are integers)::
+:class:`Servable` is the common part (raw-id maps, top-k with the popular-items fallback,
+excluding seen items, warmup inputs, metadata). One subclass per kind of model:
 
-    serving_default  user_id ID[B]              -> item_ids ID[B, k], scores float32[B, k], known bool[B]
+* :class:`RetrievalServable` — dot-product models: ``two_tower``, ``mf_bpr``, ``ultragcn``
+  (``user_tower`` / ``item_tower``) and ``lightgcn`` (final propagated embeddings)::
+
+    serving_default  user_id ID[B]               -> item_ids ID[B, k], scores float32[B, k], known bool[B]
     score            user_id ID[B], item_id ID[B] -> scores float32[B], known bool[B]
-    user_embedding   user_id ID[B]              -> embedding float32[B, d], known bool[B]
-    item_embedding   item_id ID[B]              -> embedding float32[B, d], known bool[B]
+    user_embedding   user_id ID[B]               -> embedding float32[B, d], known bool[B]
+    item_embedding   item_id ID[B]               -> embedding float32[B, d], known bool[B]
 
-Raw ids are mapped to the model's dense ids inside the graph with standard ops
-(``tf.lookup.StaticHashTable``; integer ids equal to the dense ids need only a range check),
-and returned item ids are raw ids. Unknown ids never fail a request: ``known`` is false,
-their embedding is the zero vector, a pair with an unknown id scores 0, and an unknown
-user's recommendations are the k most popular training items with score 0. ``score``
-requires ``user_id`` and ``item_id`` of equal length (``InvalidArgumentError`` otherwise).
+* ``export.backbones``: ``NeuMFServable`` (MLP scores of every item), ``AutoencoderServable``
+  (MultVAE / CDAE from a raw item history); ``export.custom``: a user's own Keras model.
 
-Formats (``fmt``):
+``ID`` is ``string`` when the data's raw ids are strings, ``int64`` when they are integers.
+Raw ids are mapped inside the graph (``tf.lookup.StaticHashTable``; integer ids equal to the
+dense ids need only a range check), and returned item ids are raw ids. Unknown ids never
+fail a request: ``known`` is false, their embedding is the zero vector, a pair with an
+unknown id scores 0, and an unknown user's recommendations are the k most popular training
+items with score 0.
 
-* ``"compact"``: both masked tables are stored with :mod:`dsl_tf.compact` (bitmask + packed
-  float32/float16 values + row offsets), so the version folder scales with the active
-  entries. User/item embedding lookups rebuild only the requested rows. Retrieval over all
-  items needs the whole item matrix; ``item_matrix`` chooses how:
-
-  - ``"cache"`` (default): rebuilt ONCE when the model is loaded (a SavedModel resource
-    initializer, run by TF Serving / the TF1 loader right after restoring the variables)
-    into an in-memory, never-saved float32 ``[num_items, d]`` variable.
-  - ``"rebuild"``: rebuilt from the compact arrays on every ``serving_default`` request
-    (smallest resident memory, slower requests).
-
-* ``"dense"``: the baseline. The masked user table ``E ⊙ M`` and the final item matrix
-  (item tower applied at export time) stored as dense variables.
+Every masked table is an :class:`export.tables.ServedTable` (compact or dense format); the
+rest of the model's computation (tower layers, MLPs, biases) runs as the Keras model does.
 """
 
 from __future__ import annotations
 
-import uuid
-from typing import Callable, Sequence
+from typing import Sequence
 
 import dsl_tf  # noqa: F401  (must precede tf.keras)
 import numpy as np
 import tensorflow as tf
 
-from dsl_tf import compact, masks
+from export.tables import (FORMATS, SCORING, VALUES, DenseMatrix, ExportError, LoadTimeTensor,  # noqa: F401
+                           ServedTable, describe_layer, valid)
 
-FORMATS = ("compact", "dense")
-ITEM_MATRIX = ("cache", "rebuild")
-VALUES = ("float32", "float16")
-SIGNATURES = ("serving_default", "score", "user_embedding", "item_embedding")
+ITEM_MATRIX = SCORING
 F16_UNIT_ROUNDOFF = 2.0**-11
 """Relative rounding error of float16 (round to nearest): |fl(x) - x| <= 2^-11 |x|."""
+RETRIEVAL_SIGNATURES = ("serving_default", "score", "user_embedding", "item_embedding")
+SIGNATURES = RETRIEVAL_SIGNATURES  # the dot-product servables' signatures
 
 
-class ExportError(RuntimeError):
-    """The model cannot be exported (nothing was written)."""
-
-
-# ============================================================================ towers
-def split_tower(tower, side: str):
-    """``(MaskedEmbedding, [following Keras layers])`` of a retrieval tower.
-
-    Supported: a bare ``MaskedEmbedding`` or a ``tf.keras.Sequential`` whose first layer is
-    one. Raises :class:`ExportError` otherwise.
-    """
-    if tower is None:
-        raise ExportError(
-            f"the model has no {side}_tower: only dot-product retrieval models "
-            "(two_tower, mf_bpr) can be exported"
-        )
-    if isinstance(tower, dsl_tf.MaskedEmbedding):
-        return tower, []
-    if isinstance(tower, tf.keras.Sequential) and tower.layers and isinstance(
-        tower.layers[0], dsl_tf.MaskedEmbedding
-    ):
-        return tower.layers[0], list(tower.layers[1:])
-    raise ExportError(
-        f"{side}_tower must be a MaskedEmbedding or a tf.keras.Sequential starting with one "
-        f"(a model without masked tables cannot be exported compactly); got {type(tower).__name__}"
-    )
-
-
-class _Post(tf.Module):
-    """The tower layers after the embedding. Their variables are tracked (saved); the Keras
-    layer objects themselves are hidden from tracking so only plain functions are saved."""
-
-    def __init__(self, layers: Sequence[tf.keras.layers.Layer], name: str):
-        super().__init__(name=name)
-        self.weights = [w for layer in layers for w in layer.weights]
-        self.__dict__["_layers"] = tuple(layers)
-
-    def __call__(self, x: tf.Tensor) -> tf.Tensor:
-        for layer in self.__dict__["_layers"]:
-            x = layer(x)
-        return tf.cast(x, tf.float32)
-
-
-def _valid(ids: tf.Tensor, rows: int) -> tf.Tensor:
-    return tf.logical_and(ids >= 0, ids < rows)
-
-
-class _DenseTable(tf.Module):
-    def __init__(self, table: np.ndarray, values: str, name: str):
-        super().__init__(name=name)
-        self.rows, self.dim = table.shape
-        with self.name_scope:
-            self.table = tf.Variable(table.astype(values), trainable=False, name="table")
-
-    def lookup(self, ids: tf.Tensor) -> tf.Tensor:
-        safe = tf.clip_by_value(ids, 0, self.rows - 1)
-        rows = tf.cast(tf.gather(self.table, safe), tf.float32)
-        return rows * tf.cast(_valid(ids, self.rows), tf.float32)[:, None]
-
-    def full(self) -> tf.Tensor:
-        return tf.cast(tf.convert_to_tensor(self.table), tf.float32)
-
-
-class _CompactTable(tf.Module):
-    def __init__(self, table: compact.CompactTable, name: str):
-        super().__init__(name=name)
-        self.rows, self.dim = table.rows, table.dim
-        emb = compact.CompactEmbedding(table, name="compact")
-        # Track only the three arrays: the CompactEmbedding's own pre-traced functions
-        # would add ~35 KB of unused graph to every export.
-        self.bitmask, self.values, self.row_offsets = emb.bitmask, emb.values, emb.row_offsets
-        self.__dict__["_emb"] = emb
-
-    def lookup(self, ids: tf.Tensor) -> tf.Tensor:
-        return compact.lookup(self.bitmask, self.values, self.row_offsets, ids, self.dim)
-
-    def full(self) -> tf.Tensor:
-        return self.__dict__["_emb"].dense()
-
-
-class _LoadTimeMatrix(tf.saved_model.experimental.TrackableResource):
-    """A float32 ``[rows, dim]`` in-memory variable computed by ``compute`` when the
-    SavedModel is loaded (resource initializer = part of the SavedModel's init op, run after
-    the variables are restored). It is a resource, not a tf.Variable: never checkpointed."""
-
-    def __init__(self, compute: Callable[[], tf.Tensor], rows: int, dim: int):
-        self._compute = compute
-        self._shape = [int(rows), int(dim)]
-        self._shared_name = f"dsl_item_matrix_{uuid.uuid4().hex}"
-        super().__init__()
-        self._initialize()  # eager: fill it now
-
-    def _create_resource(self):
-        return tf.raw_ops.VarHandleOp(
-            dtype=tf.float32, shape=self._shape, shared_name=self._shared_name, container=""
-        )
-
-    def _initialize(self):
-        return tf.raw_ops.AssignVariableOp(resource=self.resource_handle, value=self._compute())
-
-    def _destroy_resource(self):
-        tf.raw_ops.DestroyResourceOp(resource=self.resource_handle, ignore_lookup_error=True)
-
-    def read(self) -> tf.Tensor:
-        out = tf.raw_ops.ReadVariableOp(resource=self.resource_handle, dtype=tf.float32)
-        out.set_shape(self._shape)
-        return out
-
-
+# ============================================================================ raw ids
 class IdMap(tf.Module):
     """One side's raw ids <-> the model's dense ids, with standard TF ops only.
 
@@ -191,9 +75,9 @@ class IdMap(tf.Module):
             self._raw = tf.constant(raw)
 
     def dense(self, ids: tf.Tensor) -> tf.Tensor:
-        """Dense ids of raw ``ids``; -1 for unknown ones."""
+        """Dense ids of raw ``ids`` (any shape); -1 for unknown ones."""
         if self.identity:
-            return tf.where(_valid(ids, self.rows), ids, tf.constant(-1, tf.int64))
+            return tf.where(valid(ids, self.rows), ids, tf.constant(-1, tf.int64))
         return self.table.lookup(ids)
 
     def raw(self, dense: tf.Tensor) -> tf.Tensor:
@@ -201,7 +85,7 @@ class IdMap(tf.Module):
         return dense if self.identity else tf.gather(self._raw, dense)
 
     def unknown_id(self):
-        """A raw id that is not in the map (for warmup requests and tests)."""
+        """A raw id that is not in the map (for warmup requests, padding and tests)."""
         if self.dtype == tf.int64:
             return int(self.raw_ids.max(initial=-1)) + 1
         known, candidate = set(self.raw_ids.tolist()), "<unknown>"
@@ -209,59 +93,43 @@ class IdMap(tf.Module):
             candidate += "?"
         return candidate
 
+    def sample(self, rng: np.random.Generator, size: int, unknown: bool) -> np.ndarray:
+        """``size`` random raw ids, the last one unknown when ``unknown`` (and size > 1)."""
+        ids = self.raw_ids[rng.integers(0, self.rows, size=size)]
+        if unknown and size > 1:
+            ids = np.concatenate([ids[:-1], np.array([self.unknown_id()], ids.dtype)])
+        return ids
+
+    def spec(self, name: str, shape=(None,)) -> tf.TensorSpec:
+        return tf.TensorSpec(list(shape), self.dtype, name=name)
+
     def describe(self) -> dict:
         return {"dtype": self.dtype.name, "count": self.rows}
 
 
-class ServingModule(tf.Module):
-    """The exported ``tf.Module``; its four ``tf.function`` s become the signatures.
+# ============================================================================ base
+class Servable(tf.Module):
+    """What every servable shares. Subclasses set ``kind``, ``signature_names`` and the
+    ``tf.function`` s of those names, and implement :meth:`warmup_inputs` and
+    :meth:`reference` (the Keras model's answer, checked at export)."""
 
-    ``user_ids`` / ``item_ids``: the raw id of every dense id (``None``: raw ids are the
-    dense ids, ``int64``). ``seen``: a ``[num_users, num_items]`` scipy CSR matrix of the
-    training interactions; when given, ``serving_default`` never returns an item the user
-    interacted with (stored as CSR ``indptr`` int64 + ``indices`` int32: 4 bytes per
-    interaction; seen items get score ``float32.min`` before the top-k).
-    """
+    kind = ""
+    signature_names: tuple = ()
 
-    def __init__(self, user_tower, item_tower, *, fmt: str = "compact", values: str = "float32",
-                 k: int = 20, item_popularity: np.ndarray | None = None,
-                 item_matrix: str = "cache", user_ids: np.ndarray | None = None,
-                 item_ids: np.ndarray | None = None, seen=None):
+    def __init__(self, *, tables: dict, num_items: int, k: int, item_popularity, item_ids, fmt: str,
+                 values: str, item_matrix: str, num_users: int | None = None, user_ids=None, seen=None,
+                 table_info: dict | None = None):
         super().__init__(name="dsl_servable")
-        if fmt not in FORMATS:
-            raise ExportError(f"format must be one of {FORMATS}, got {fmt!r}")
-        if values not in VALUES:
-            raise ExportError(f"values must be one of {VALUES}, got {values!r}")
-        if item_matrix not in ITEM_MATRIX:
-            raise ExportError(f"item_matrix must be one of {ITEM_MATRIX}, got {item_matrix!r}")
-        user_emb, user_post = split_tower(user_tower, "user")
-        item_emb, item_post = split_tower(item_tower, "item")
-        if user_emb.output_dim != item_emb.output_dim:
-            raise ExportError("user and item embeddings have different dims")
-        self.fmt, self.values_dtype, self.item_matrix_mode = fmt, values, item_matrix
         if int(k) < 1:
             raise ExportError(f"k must be >= 1, got {k}")
-        self.num_users, self.num_items = int(user_emb.input_dim), int(item_emb.input_dim)
-        self.user_map = IdMap(user_ids, self.num_users, "user_ids")
+        self.fmt, self.values_dtype, self.item_matrix_mode = fmt, values, item_matrix
+        self.tables = tables  # {layer name: ServedTable}: what is stored
+        self.table_info = table_info or {name: table.info for name, table in tables.items()}
+        self.num_items = int(num_items)
+        self.num_users = None if num_users is None else int(num_users)
         self.item_map = IdMap(item_ids, self.num_items, "item_ids")
+        self.user_map = None if num_users is None else IdMap(user_ids, self.num_users, "user_ids")
         self.k = int(min(int(k), self.num_items))  # k > num_items: every item, ranked
-        self.user_post = _Post(user_post, "user_post")
-        self.item_post = _Post(item_post, "item_post")
-        self.densities = {emb.name: masks.active_count(emb) / (emb.input_dim * emb.output_dim)
-                          for emb in (user_emb, item_emb)}
-        self.table_names = {"user": user_emb.name, "item": item_emb.name}
-        self.dim = int(user_emb.output_dim)
-        if fmt == "compact":  # compact tables are encoded from their training layout, never densified
-            self.user_table = _CompactTable(compact.from_layer(user_emb, values), "user")
-            self.item_table = _CompactTable(compact.from_layer(item_emb, values), "item")
-            if item_matrix == "cache":
-                self.item_cache = _LoadTimeMatrix(
-                    lambda: self.item_post(self.item_table.full()), self.num_items, self.dim
-                )
-        else:
-            self.user_table = _DenseTable(user_emb.effective_table().numpy(), values, "user")
-            final_items = self.item_post(item_emb.effective_table()).numpy()
-            self.item_table = _DenseTable(final_items, values, "item_matrix")
         popularity = np.zeros(self.num_items) if item_popularity is None else np.asarray(item_popularity)
         if popularity.shape != (self.num_items,):
             raise ExportError(f"item_popularity has shape {popularity.shape}, expected ({self.num_items},)")
@@ -270,44 +138,36 @@ class ServingModule(tf.Module):
         self.popular_items = self.item_map.raw_ids[order]
         self.exclude_seen = seen is not None
         if self.exclude_seen:
-            if seen.shape != (self.num_users, self.num_items):
+            if self.num_users is None or seen.shape != (self.num_users, self.num_items):
                 raise ExportError(f"seen has shape {seen.shape}, expected ({self.num_users}, {self.num_items})")
             seen = seen.tocsr()
+            self.__dict__["_seen"] = seen
             self.seen_indptr = tf.Variable(seen.indptr.astype(np.int64), trainable=False, name="seen_indptr")
             self.seen_items = tf.Variable(seen.indices.astype(np.int32), trainable=False, name="seen_items")
-        users = tf.TensorSpec([None], self.user_map.dtype, name="user_id")
-        items = tf.TensorSpec([None], self.item_map.dtype, name="item_id")
-        self.serving_default = tf.function(self._recommend, input_signature=[users])
-        self.score = tf.function(self._score, input_signature=[users, items])
-        self.user_embedding = tf.function(self._user_embedding, input_signature=[users])
-        self.item_embedding = tf.function(self._item_embedding, input_signature=[items])
 
-    # -------------------------------------------------------------- vectors of dense ids
-    def _users(self, user_id: tf.Tensor) -> tf.Tensor:
-        vectors = self.user_post(self.user_table.lookup(user_id))
-        return vectors * tf.cast(_valid(user_id, self.num_users), tf.float32)[:, None]
+    @property
+    def densities(self) -> dict:
+        return {name: info["density"] for name, info in self.table_info.items()}
 
-    def _items(self, item_id: tf.Tensor) -> tf.Tensor:
-        if self.fmt == "dense":
-            return self.item_table.lookup(item_id)  # final vectors, zero for invalid ids
-        vectors = self.item_post(self.item_table.lookup(item_id))
-        return vectors * tf.cast(_valid(item_id, self.num_items), tf.float32)[:, None]
+    @property
+    def example_users(self) -> list:
+        """The first raw user ids (for the REST example and ``--query``)."""
+        return [] if self.user_map is None else self.user_map.raw_ids[:2].tolist()
 
-    def item_matrix(self) -> tf.Tensor:
-        """Final item vectors ``[num_items, d]`` used for retrieval."""
-        if self.fmt == "dense":
-            return self.item_table.full()
-        if self.item_matrix_mode == "cache":
-            return self.item_cache.read()
-        return self.item_post(self.item_table.full())
+    def signatures(self) -> dict:
+        return {name: getattr(self, name) for name in self.signature_names}
 
-    # -------------------------------------------------------------- signatures (raw ids)
-    def _recommend(self, user_id):
-        users = self.user_map.dense(user_id)
-        known = users >= 0
-        scores = tf.matmul(self._users(users), self.item_matrix(), transpose_b=True)
-        if self.exclude_seen:
-            scores = self._drop_seen(users, scores)
+    def metadata(self) -> dict:
+        ids = {"item": self.item_map.describe()}
+        if self.user_map is not None:
+            ids = {"user": self.user_map.describe(), **ids}
+        return {"kind": self.kind, "k": self.k, "num_users": self.num_users, "num_items": self.num_items,
+                "densities": self.densities, "tables": self.table_info,
+                "ids": ids, "exclude_seen": self.exclude_seen, "popular_items": self.popular_items.tolist()}
+
+    # -------------------------------------------------------------- shared pieces
+    def _top(self, scores: tf.Tensor, known: tf.Tensor) -> dict:
+        """Top-k of ``scores [B, num_items]`` as raw ids; rows not ``known`` get the popular items."""
         top = tf.math.top_k(scores, k=self.k)
         items = tf.where(known[:, None], tf.cast(top.indices, tf.int64), self._popular[None, :])
         return {"item_ids": self.item_map.raw(items),
@@ -325,12 +185,242 @@ class ServingModule(tf.Module):
         low = tf.fill(tf.shape(items), tf.float32.min)
         return tf.tensor_scatter_nd_update(scores, tf.stack([rows, items], axis=1), low)
 
-    def _score(self, user_id, item_id):
+    def _reference_seen(self, users: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        """``scores`` of dense ``users`` with their seen items at ``float32.min`` (as served)."""
+        if not self.exclude_seen:
+            return scores
+        scores = scores.copy()
+        seen = self.__dict__["_seen"][users]
+        scores[seen.nonzero()] = np.finfo(np.float32).min
+        return scores
+
+    def _pairs(self, user_id: tf.Tensor, item_id: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         same = tf.debugging.assert_equal(
             tf.size(user_id), tf.size(item_id),
             message="score: user_id and item_id must have the same length (one pair per position)")
         with tf.control_dependencies([same]):
-            users, items = self.user_map.dense(user_id), self.item_map.dense(item_id)
+            return self.user_map.dense(user_id), self.item_map.dense(item_id)
+
+    def _retrieval_warmup(self, batch: int, rng: np.random.Generator) -> dict:
+        users = self.user_map.sample(rng, batch, unknown=True)
+        items = self.item_map.sample(rng, batch, unknown=False)
+        return {"serving_default": {"user_id": users}, "score": {"user_id": users, "item_id": items}}
+
+    def warmup_inputs(self, batch: int, rng: np.random.Generator) -> dict:
+        """``{signature: {input: array}}`` of one request per signature of ``batch`` rows."""
+        raise NotImplementedError
+
+    def reference(self, model, rng: np.random.Generator) -> tuple[dict, np.ndarray]:
+        """``(serving_default inputs, the Keras model's scores [B, num_items])`` of a sample."""
+        raise NotImplementedError
+
+
+def split_tower(tower, side: str):
+    """``(masked embedding layer, [following Keras layers])`` of a retrieval tower.
+
+    Supported: a bare ``MaskedEmbedding`` / ``CompactMaskedEmbedding`` or a
+    ``tf.keras.Sequential`` whose first layer is one. Raises :class:`ExportError` otherwise.
+    """
+    if tower is None:
+        raise ExportError(f"the model has no {side}_tower")
+    if isinstance(tower, dsl_tf.MaskedEmbedding):
+        return tower, []
+    if isinstance(tower, tf.keras.Sequential) and tower.layers and isinstance(
+        tower.layers[0], dsl_tf.MaskedEmbedding
+    ):
+        return tower.layers[0], list(tower.layers[1:])
+    raise ExportError(
+        f"{side}_tower must be a MaskedEmbedding or a tf.keras.Sequential starting with one "
+        f"(a model without masked tables cannot be exported compactly); got {type(tower).__name__}"
+    )
+
+
+class Post(tf.Module):
+    """Keras layers applied after a table lookup. Their variables are tracked (saved); the
+    layer objects themselves are hidden from tracking so only plain functions are saved."""
+
+    def __init__(self, layers: Sequence[tf.keras.layers.Layer], name: str):
+        super().__init__(name=name)
+        self.weights = [w for layer in layers for w in layer.weights]
+        self.__dict__["_layers"] = tuple(layers)
+
+    @property
+    def normalizes(self) -> bool:
+        """Only a ``UnitNormalization`` over the last axis (a per-row scale)."""
+        layers = self.__dict__["_layers"]
+        return (len(layers) == 1 and isinstance(layers[0], tf.keras.layers.UnitNormalization)
+                and list(np.ravel(layers[0].axis)) in ([-1], [1]))
+
+    @property
+    def empty(self) -> bool:
+        return not self.__dict__["_layers"]
+
+    def __call__(self, x: tf.Tensor) -> tf.Tensor:
+        for layer in self.__dict__["_layers"]:
+            x = layer(x)
+        return tf.cast(x, tf.float32)
+
+
+# ============================================================================ retrieval
+class RetrievalServable(Servable):
+    """Dot-product retrieval: scores are ``user_vector · item_vector``.
+
+    * towers (``model.user_tower`` / ``item_tower``: a masked table, optionally followed by
+      Keras layers): user vectors are computed per request from the stored user table.
+      Scoring every item (``item_matrix``, compact format): ``"sparse"`` multiplies the user
+      vectors with the compact item table directly (towers ending in
+      ``UnitNormalization``: then scales each item's score by its stored row norm), so no
+      dense item matrix exists; ``"cache"`` builds the dense final item matrix once at load;
+      ``"rebuild"`` on every request. The dense format stores the final item matrix.
+    * ``lightgcn``: final vectors are the mean of the propagated layers. The compact format
+      stores the two compact base tables and the training graph (CSR: 2 bytes per
+      interaction up to 65,536 items, else 4) and propagates once at load into an in-memory ``[users + items, d]``
+      matrix (exactly the model's arithmetic); the dense format stores the final vectors.
+    """
+
+    kind = "retrieval"
+    signature_names = RETRIEVAL_SIGNATURES
+
+    def __init__(self, model, *, fmt="compact", values="float32", item_matrix="sparse", k=20,
+                 item_popularity=None, user_ids=None, item_ids=None, seen=None, interactions=None):
+        graph = getattr(model, "user_tower", None) is None
+        if graph:
+            user_layer, item_layer, user_post, item_post = model.user_table, model.item_table, [], []
+        else:
+            user_layer, user_post = split_tower(model.user_tower, "user")
+            item_layer, item_post = split_tower(model.item_tower, "item")
+        if user_layer.output_dim != item_layer.output_dim:
+            raise ExportError("user and item embeddings have different dims")
+        self.graph = graph
+        self.user_post, self.item_post = Post(user_post, "user_post"), Post(item_post, "item_post")
+        if fmt == "compact" and item_matrix == "sparse" and not graph and not (
+                self.item_post.empty or self.item_post.normalizes):
+            raise ExportError("item_matrix='sparse' needs an item tower that is a masked table, optionally followed "
+                              "by UnitNormalization; use item_matrix='cache' or 'rebuild' for other towers")
+        # the servable caches the final item matrix itself ("cache"): one load-time tensor may not read another
+        item_scoring = "sparse" if fmt == "compact" and not graph and item_matrix == "sparse" else "rebuild"
+        info = {user_layer.name: describe_layer(user_layer, fmt, "rebuild"),
+                item_layer.name: describe_layer(item_layer, fmt, item_scoring if fmt == "compact" else "dense")}
+        tables = {}
+        if not (graph and fmt == "dense"):  # a dense LightGCN stores only its final vectors
+            tables = {user_layer.name: ServedTable(user_layer, fmt, values, "rebuild", name="user"),
+                      item_layer.name: ServedTable(item_layer, fmt, values, item_scoring, name="item",
+                                                   transform=self.item_post)}  # dense: the final item matrix
+        super().__init__(tables=tables, num_users=user_layer.input_dim, num_items=item_layer.input_dim, k=k,
+                         item_popularity=item_popularity, user_ids=user_ids, item_ids=item_ids, fmt=fmt,
+                         values=values, item_matrix=item_matrix if fmt == "compact" else "dense", seen=seen,
+                         table_info=info)
+        self.kind = "lightgcn" if graph else "retrieval"
+        self.dim = int(user_layer.output_dim)
+        if tables:
+            self.user_table, self.item_table = tables[user_layer.name], tables[item_layer.name]
+        if graph:
+            self._build_graph(model, fmt, values, interactions)
+        elif item_matrix == "cache" and fmt == "compact":
+            self.item_cache = LoadTimeTensor(lambda: self.item_post(self.item_table.full()), [self.num_items, self.dim])
+        elif item_matrix == "sparse" and self.item_post.normalizes:
+            self.item_scale = LoadTimeTensor(self.item_table.row_norms, [self.num_items])
+        users, items = self.user_map.spec("user_id"), self.item_map.spec("item_id")
+        self.serving_default = tf.function(self._recommend, input_signature=[users])
+        self.score = tf.function(self._score, input_signature=[users, items])
+        self.user_embedding = tf.function(self._user_embedding, input_signature=[users])
+        self.item_embedding = tf.function(self._item_embedding, input_signature=[items])
+
+    # -------------------------------------------------------------- LightGCN
+    def _build_graph(self, model, fmt: str, values: str, interactions) -> None:
+        rows = self.num_users + self.num_items
+        if fmt == "dense":
+            final = model.propagate()[0].numpy()
+            self.final = DenseMatrix(final, values, "final")
+            return
+        if interactions is None:
+            raise ExportError("a LightGCN servable stores the training graph: pass interactions= (the run's "
+                              "interactions.npz, [num_users, num_items] CSR)")
+        train = interactions.tocsr().sorted_indices()  # each user's items in order, as the model sums them
+        if train.shape != (self.num_users, self.num_items):
+            raise ExportError(f"interactions have shape {train.shape}, expected {(self.num_users, self.num_items)}")
+        small = train.nnz < 2**31
+        self.graph_indptr = tf.Variable(train.indptr.astype(np.int32 if small else np.int64), trainable=False,
+                                        name="graph_indptr")
+        item_dtype = np.uint16 if self.num_items <= 2**16 else np.int32  # 2 bytes per interaction when it fits
+        self.graph_items = tf.Variable(train.indices.astype(item_dtype), trainable=False, name="graph_items")
+        self.num_layers = int(model.hp.num_layers)
+        self.final = LoadTimeTensor(self._propagate, [rows, self.dim])
+
+    def _propagate(self) -> tf.Tensor:
+        """LightGCN's final vectors ``mean(E⁰, ÂE⁰, …, Âᴸ E⁰)`` with ``Â = D^-½ A D^-½`` weighted
+        as ``LightGCN._attach`` weights it (load time only). ``Â = [[0, R], [Rᵀ, 0]]``, so only
+        the user × item block ``R`` is used (its coordinates straight from the stored rows):
+        ``Â [e_u; e_i] = [R e_i; Rᵀ e_u]``."""
+        users, items = self.num_users, self.num_items
+        indptr = tf.cast(self.graph_indptr, tf.int64)
+        counts = indptr[1:] - indptr[:-1]
+        user_of = tf.repeat(tf.range(users, dtype=tf.int64), counts)
+        item_of = tf.cast(self.graph_items, tf.int64)
+        item_degree = tf.math.unsorted_segment_sum(tf.ones_like(item_of, tf.float32), item_of, items)
+
+        def inv_sqrt(degree):
+            return tf.where(degree > 0, 1.0 / tf.sqrt(tf.maximum(degree, 1e-12)), 0.0)
+
+        weights = tf.gather(inv_sqrt(tf.cast(counts, tf.float32)), user_of) * tf.gather(inv_sqrt(item_degree), item_of)
+        coordinates = tf.cast(tf.stack([user_of, item_of], 1), tf.int32)
+        shape = tf.constant([users, items], tf.int64)
+
+        def product(x, adjoint):  # SparseTensorDenseMatMul: no transient copy of R (the CSR kernel's transpose had)
+            return tf.raw_ops.SparseTensorDenseMatMul(a_indices=coordinates, a_values=weights, a_shape=shape, b=x,
+                                                      adjoint_a=adjoint)
+
+        layer_u, layer_i = self.user_table.full(), self.item_table.full()
+        total_u, total_i = layer_u, layer_i
+        for _ in range(self.num_layers):
+            layer_u, layer_i = product(layer_i, False), product(layer_u, True)
+            total_u, total_i = total_u + layer_u, total_i + layer_i
+        return tf.concat([total_u, total_i], 0) / float(self.num_layers + 1)
+
+    # -------------------------------------------------------------- vectors of dense ids
+    def _final(self, side: str) -> tf.Tensor:
+        final = self.final.full() if self.fmt == "dense" else self.final.read()
+        return final[: self.num_users] if side == "user" else final[self.num_users:]  # row slices alias
+
+    def _users(self, user_id: tf.Tensor) -> tf.Tensor:
+        mask = tf.cast(valid(user_id, self.num_users), tf.float32)[:, None]
+        if self.graph:
+            vectors = tf.gather(self._final("user"), tf.clip_by_value(user_id, 0, self.num_users - 1))
+        else:
+            vectors = self.user_post(self.user_table.lookup(user_id))
+        return vectors * mask
+
+    def _items(self, item_id: tf.Tensor) -> tf.Tensor:
+        mask = tf.cast(valid(item_id, self.num_items), tf.float32)[:, None]
+        if self.graph:
+            return tf.gather(self._final("item"), tf.clip_by_value(item_id, 0, self.num_items - 1)) * mask
+        if self.fmt == "dense":
+            return self.item_table.lookup(item_id)  # final vectors, zero for invalid ids
+        return self.item_post(self.item_table.lookup(item_id)) * mask
+
+    def all_scores(self, vectors: tf.Tensor) -> tf.Tensor:
+        """``vectors [B, d]`` · every final item vector: ``[B, num_items]``."""
+        if self.graph:
+            return tf.matmul(vectors, self._final("item"), transpose_b=True)
+        if self.fmt == "dense":
+            return self.item_table.scores(vectors)
+        if self.item_matrix_mode == "cache":
+            return tf.matmul(vectors, self.item_cache.read(), transpose_b=True)
+        if self.item_matrix_mode == "rebuild":
+            return tf.matmul(vectors, self.item_post(self.item_table.full()), transpose_b=True)
+        scores = self.item_table.scores(vectors)
+        return scores * self.item_scale.read()[None, :] if self.item_post.normalizes else scores
+
+    # -------------------------------------------------------------- signatures (raw ids)
+    def _recommend(self, user_id):
+        users = self.user_map.dense(user_id)
+        scores = self.all_scores(self._users(users))
+        if self.exclude_seen:
+            scores = self._drop_seen(users, scores)
+        return self._top(scores, users >= 0)
+
+    def _score(self, user_id, item_id):
+        users, items = self._pairs(user_id, item_id)
         return {"scores": tf.reduce_sum(self._users(users) * self._items(items), axis=-1),
                 "known": tf.logical_and(users >= 0, items >= 0)}
 
@@ -342,33 +432,17 @@ class ServingModule(tf.Module):
         items = self.item_map.dense(item_id)
         return {"embedding": self._items(items), "known": items >= 0}
 
-    def signatures(self) -> dict:
-        return {name: getattr(self, name) for name in SIGNATURES}
+    def warmup_inputs(self, batch, rng):
+        inputs = self._retrieval_warmup(batch, rng)
+        return {**inputs, "user_embedding": {"user_id": inputs["score"]["user_id"]},
+                "item_embedding": {"item_id": inputs["score"]["item_id"]}}
 
-
-def build_servable(user_tower, item_tower, **kwargs) -> ServingModule:
-    """A :class:`ServingModule` (see its arguments), checked against the towers.
-
-    The check compares the module's user/item embeddings with the Keras towers on a sample
-    of ids (float32: 1e-5; float16: the rounding bound), so an unsupported tower structure
-    fails here instead of serving wrong vectors, and maps the sample's raw ids back to
-    their dense ids.
-    """
-    module = ServingModule(user_tower, item_tower, **kwargs)
-    rng = np.random.default_rng(0)
-    tol = 1e-5 if module.values_dtype == "float32" else 8 * F16_UNIT_ROUNDOFF
-    for side, tower, rows, fn, id_map in (("user", user_tower, module.num_users, module._users, module.user_map),
-                                          ("item", item_tower, module.num_items, module._items, module.item_map)):
-        ids = np.unique(rng.integers(0, rows, size=min(rows, 64))).astype(np.int64)
-        mapped = id_map.dense(tf.constant(id_map.raw_ids[ids])).numpy()
-        if not np.array_equal(mapped, ids):
-            raise ExportError(f"the {side} id map does not invert: dense {ids[:5]} -> raw -> {mapped[:5]}")
-        want = tf.cast(tower(tf.constant(ids)), tf.float32).numpy()
-        got = fn(tf.constant(ids)).numpy()
-        scale = np.maximum(np.abs(want).max(), 1.0)
-        if not np.allclose(got, want, rtol=0, atol=tol * scale):
-            raise ExportError(
-                f"the exported {side} vectors differ from {side}_tower(ids) "
-                f"(max |diff| {np.abs(got - want).max():.3g}): unsupported tower structure"
-            )
-    return module
+    def reference(self, model, rng):
+        users = np.unique(rng.integers(0, self.num_users, size=min(self.num_users, 64))).astype(np.int64)
+        if self.graph:
+            scores = model.score_all(users).numpy()
+        else:
+            vectors = model.user_tower(tf.constant(users))
+            items = model.item_tower(tf.range(self.num_items, dtype=tf.int64))
+            scores = tf.matmul(tf.cast(vectors, tf.float32), tf.cast(items, tf.float32), transpose_b=True).numpy()
+        return {"user_id": self.user_map.raw_ids[users]}, self._reference_seen(users, scores)

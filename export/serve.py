@@ -30,8 +30,8 @@ from export.servable import export_run  # noqa: E402
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="export/serve.py",
-        description="Export a DSL-trained retrieval model (two_tower, mf_bpr) as a TF Serving "
-                    "SavedModel: OUT/NAME/<version>/ plus OUT/models.config.",
+        description="Export a DSL-trained model (any trainers/ backbone: two_tower, mf_bpr, ultragcn, lightgcn, "
+                    "neumf, multvae, cdae) as a TF Serving SavedModel: OUT/NAME/<version>/ plus OUT/models.config.",
     )
     p.add_argument("--run", required=True, help="run directory written by trainers/train.py (runs/NAME)")
     p.add_argument("--out", default="serving", help="TF Serving base directory (default: serving)")
@@ -40,9 +40,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=FORMATS, default="compact",
                    help="compact: tables stored as bitmask + packed values (default); dense: baseline")
     p.add_argument("--values", choices=VALUES, default="float32", help="stored value type (default float32)")
-    p.add_argument("--item-matrix", choices=ITEM_MATRIX, default="cache",
-                   help="compact only: 'cache' rebuilds the dense item matrix once at load time "
-                        "(fast requests, default); 'rebuild' rebuilds it per request (least memory)")
+    p.add_argument("--item-matrix", choices=ITEM_MATRIX, default="sparse",
+                   help="compact only, scoring every item: 'sparse' multiplies straight from the compact item "
+                        "table (no dense item matrix; default); 'cache' builds the dense item matrix once at "
+                        "load (dense memory); 'rebuild' builds it on every request (slow)")
     p.add_argument("--k", type=int, default=20, help="items returned by serving_default (default 20)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --version")
     p.add_argument("--exclude-seen", action="store_true",
@@ -55,6 +56,23 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--user", default=None,
                    help="raw user id for --query, as in the data files (default: the first user)")
     return p
+
+
+def _history_request(run: str, result, user) -> dict:
+    """An autoencoder's request for a training user: its training items as the history."""
+    import scipy.sparse as sp
+
+    from trainers.runs import IdMaps
+
+    ids = IdMaps.load(run)
+    dense = {raw: i for i, raw in enumerate(ids.user_ids.tolist())}.get(user)
+    train = sp.load_npz(Path(run) / "interactions.npz").tocsr()
+    items = [] if dense is None else train.indices[train.indptr[dense]:train.indptr[dense + 1]]
+    history = ids.item_ids[items] if len(items) else np.array([-1 if ids.item_ids.dtype.kind in "iu" else ""])
+    inputs = {"history": np.asarray(history)[None, :]}
+    if result.metadata["kind"] == "cdae":
+        inputs["user_id"] = np.array([user])
+    return inputs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,16 +95,23 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(result.report(), flush=True)
     if args.query:
-        user = result.example_users[0] if args.user is None else args.user
-        if result.metadata["ids"]["user"]["dtype"] == "int64":
+        from trainers.runs import IdMaps
+
+        users = IdMaps.load(args.run).user_ids  # the run's raw user ids (MultVAE's servable has none)
+        user = users[0].item() if args.user is None else args.user
+        if users.dtype.kind in "iu":
             try:
                 user = int(user)
             except ValueError:
                 print(f"error: --user {user!r}: this model's user ids are integers", file=sys.stderr)
                 return 2
-        print(f"[export] query: TF1 session on {result.path}, signature serving_default, user_id={user!r}")
+        inputs = {"user_id": np.array([user])}
+        if result.metadata["kind"] in ("multvae", "cdae"):
+            inputs = _history_request(args.run, result, user)
+        shown = ", ".join(f"{key}={value.tolist()!r}" for key, value in inputs.items())
+        print(f"[export] query: TF1 session on {result.path}, signature serving_default, {shown}")
         with SessionServable(result.path) as session:
-            out = session.run("serving_default", user_id=np.array([user]))
+            out = session.run("serving_default", **inputs)
         if not out["known"][0]:
             print(f"  unknown user {user!r}: the {result.k} most popular items, score 0")
         for rank, (item, score) in enumerate(zip(out["item_ids"][0], out["scores"][0]), 1):

@@ -104,3 +104,29 @@ def write_run_dir(run_dir: str | Path, num_users=60, num_items=90, dim=16, steps
     np.savez(run / "id_maps.npz", user_ids=np.arange(num_users), item_ids=np.arange(num_items))
     (run / "summary.json").write_text(json.dumps({"sparsity": 0.8}))
     return run
+
+
+def assert_topk(item_ids, scores, all_scores, atol: float = 1e-5, tie: float = 1e-6) -> None:
+    """Served top-k ``item_ids``/``scores`` [B, k] equal the top-k of the Keras model's
+    ``all_scores`` [B, items]: scores within ``atol``, every returned item's own Keras score
+    within ``atol`` of the reported one, and the same id at every rank except between items
+    whose Keras scores tie within ``tie`` (their order is float rounding)."""
+    item_ids, scores, all_scores = np.asarray(item_ids), np.asarray(scores), np.asarray(all_scores)
+    k = item_ids.shape[1]
+    want = tf.math.top_k(all_scores, k)
+    want_ids, want_scores = want.indices.numpy(), want.values.numpy()
+    np.testing.assert_allclose(scores, want_scores, rtol=0, atol=atol)
+    np.testing.assert_allclose(np.take_along_axis(all_scores, item_ids, 1), scores, rtol=0, atol=atol)
+    assert all(len(set(row)) == k for row in item_ids.tolist())
+    rows, ranks = np.nonzero(item_ids != want_ids)
+    gap = np.abs(all_scores[rows, item_ids[rows, ranks]] - all_scores[rows, want_ids[rows, ranks]])
+    assert (gap <= tie).all(), (rows, ranks, gap)
+
+
+def write_triplets(path: str | Path, users: list, items: list, per_user: int = 8, seed: int = 0) -> Path:
+    """A ``user item`` triplets file: each user interacts with ``per_user`` of 12 items near ``3·index``."""
+    rng = np.random.default_rng(seed)
+    lines = [f"{u} {items[(3 * i + j) % len(items)]}" for i, u in enumerate(users)
+             for j in rng.choice(12, per_user, replace=False)]
+    Path(path).write_text("\n".join(lines) + "\n")
+    return Path(path)

@@ -1,0 +1,252 @@
+"""Masked tables as a servable stores them, and how a servable scores against them.
+
+:class:`ServedTable` holds one ``MaskedEmbedding`` / ``CompactMaskedEmbedding`` table:
+
+* ``fmt="compact"``: the :mod:`dsl_tf.compact` arrays (encoded with ``compact.from_layer``,
+  never densified for a compact-storage layer), ``values`` float32 or float16;
+* ``fmt="dense"``: the dense masked table ``E ⊙ M`` (the baseline).
+
+``lookup(ids)`` rebuilds only the requested rows. ``scores(x) = x · tableᵀ`` (``[B, rows]``,
+every row scored: retrieval, autoencoder output layers) depends on ``scoring`` (compact only):
+
+* ``"sparse"`` (default): a sparse × dense product straight from the compact arrays
+  (``SparseTensorDenseMatMul``); its int32 ``[nnz, 2]`` coordinates are computed once when
+  the model is loaded (8 bytes per active entry in memory, never saved): no dense copy of
+  the table, at any time;
+* ``"cache"``: the dense float32 table rebuilt once at load (dense memory, dense speed);
+* ``"rebuild"``: the dense table rebuilt on every request (least resident memory, slow).
+
+Load-time tensors are SavedModel resources (:class:`LoadTimeTensor`) initialised by the
+init op TF Serving runs after restoring the variables; they are never written to disk.
+:func:`patched_layers` makes a Keras model's masked layers read from their served tables
+while a servable traces the model's own code (user models, :mod:`export.custom`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from typing import Callable, Iterator
+
+import dsl_tf  # noqa: F401  (must precede tf.keras)
+import numpy as np
+import tensorflow as tf
+
+from dsl_tf import compact, masks
+
+FORMATS = ("compact", "dense")
+VALUES = ("float32", "float16")
+SCORING = ("sparse", "cache", "rebuild")
+
+
+class ExportError(RuntimeError):
+    """The model cannot be exported (nothing was written)."""
+
+
+def valid(ids: tf.Tensor, rows: int) -> tf.Tensor:
+    """``0 <= ids < rows``."""
+    return tf.logical_and(ids >= 0, ids < rows)
+
+
+class LoadTimeTensor(tf.saved_model.experimental.TrackableResource):
+    """An in-memory variable of ``shape``/``dtype`` computed by ``compute`` when the SavedModel
+    is loaded (a resource initializer: part of the init op, run after the variables are
+    restored). A resource, not a ``tf.Variable``: never checkpointed, never on disk."""
+
+    def __init__(self, compute: Callable[[], tf.Tensor], shape, dtype: tf.DType = tf.float32):
+        self._compute, self._dtype = compute, tf.as_dtype(dtype)
+        self._shape = [int(s) for s in shape]
+        self._shared_name = f"dsl_load_time_{uuid.uuid4().hex}"
+        super().__init__()
+        self._initialize()  # eager: fill it now (the servable answers before it is saved)
+
+    def _create_resource(self):
+        return tf.raw_ops.VarHandleOp(dtype=self._dtype, shape=self._shape, shared_name=self._shared_name,
+                                      container="")
+
+    def _initialize(self):
+        return tf.raw_ops.AssignVariableOp(resource=self.resource_handle, value=self._compute())
+
+    def _destroy_resource(self):
+        tf.raw_ops.DestroyResourceOp(resource=self.resource_handle, ignore_lookup_error=True)
+
+    def read(self) -> tf.Tensor:
+        out = tf.raw_ops.ReadVariableOp(resource=self.resource_handle, dtype=self._dtype)
+        out.set_shape(self._shape)
+        return out
+
+
+class DenseMatrix(tf.Module):
+    """A dense float32 ``[rows, dim]`` matrix stored in the servable (dense exports)."""
+
+    def __init__(self, matrix: np.ndarray, values: str, name: str):
+        super().__init__(name=name)
+        self.rows, self.dim = matrix.shape
+        with self.name_scope:
+            self.table = tf.Variable(np.asarray(matrix).astype(values), trainable=False, name="table")
+
+    def lookup(self, ids: tf.Tensor) -> tf.Tensor:
+        ids = tf.cast(ids, tf.int64)
+        out = tf.cast(tf.gather(self.table, tf.clip_by_value(ids, 0, self.rows - 1)), tf.float32)
+        return out * tf.cast(valid(ids, self.rows), tf.float32)[..., None]
+
+    def full(self) -> tf.Tensor:
+        return tf.cast(tf.convert_to_tensor(self.table), tf.float32)
+
+    def scores(self, x: tf.Tensor) -> tf.Tensor:
+        return tf.matmul(x, self.full(), transpose_b=True)
+
+
+def describe_layer(layer, fmt: str, scoring: str) -> dict:
+    """A masked table as the servable's metadata records it."""
+    rows, dim = int(layer.input_dim), int(layer.output_dim)
+    return {"rows": rows, "dim": dim, "density": masks.active_count(layer) / (rows * dim), "format": fmt,
+            "scoring": scoring}
+
+
+class ServedTable(tf.Module):
+    """One masked table of a servable (see the module docstring). ``transform`` (dense format
+    only): store ``transform(E ⊙ M)`` instead, e.g. a tower's final vectors.
+
+    >>> import dsl_tf
+    >>> layer = dsl_tf.CompactMaskedEmbedding(6, 4, sparsity=0.5)
+    >>> layer.build(None)
+    >>> table = ServedTable(layer, "compact")
+    >>> table.scores(tf.ones([2, 4])).shape
+    TensorShape([2, 6])
+    """
+
+    def __init__(self, layer, fmt: str = "compact", values: str = "float32", scoring: str = "sparse",
+                 name: str | None = None, transform: Callable[[tf.Tensor], tf.Tensor] | None = None):
+        super().__init__(name=name or layer.name)
+        if fmt not in FORMATS:
+            raise ExportError(f"format must be one of {FORMATS}, got {fmt!r}")
+        if values not in VALUES:
+            raise ExportError(f"values must be one of {VALUES}, got {values!r}")
+        if scoring not in SCORING:
+            raise ExportError(f"scoring must be one of {SCORING}, got {scoring!r}")
+        self.fmt, self.scoring = fmt, scoring if fmt == "compact" else "dense"
+        self.rows, self.dim = int(layer.input_dim), int(layer.output_dim)
+        self.info = describe_layer(layer, fmt, self.scoring)
+        with self.name_scope:
+            if fmt == "compact":  # from the training layout: never the whole table
+                encoded = compact.from_layer(layer, values)
+                self.nnz = encoded.nnz
+                self.bitmask = tf.Variable(encoded.bitmask, trainable=False, name="bitmask")
+                self.values = tf.Variable(encoded.values, trainable=False, name="values")
+                self.row_offsets = tf.Variable(encoded.row_offsets, trainable=False, name="row_offsets")
+                if self.scoring == "sparse":
+                    self.coordinates = LoadTimeTensor(self._coordinates, [self.nnz, 2], tf.int32)
+                elif self.scoring == "cache":
+                    self.cache = LoadTimeTensor(self._decode, [self.rows, self.dim])
+            else:  # dense baseline: E ⊙ M, or transform(E ⊙ M) (a tower's final vectors)
+                table = layer.effective_table()
+                self.matrix = DenseMatrix((table if transform is None else transform(table)).numpy(), values, "dense")
+
+    # ------------------------------------------------------------------ compact helpers
+    def _coordinates(self) -> tf.Tensor:
+        """int32 ``[nnz, 2]`` (row, column) of the values, row-major (load time only)."""
+        bits = compact._row_bits(self.bitmask, self.dim)  # noqa: SLF001  (the format's own unpacking)
+        return tf.cast(tf.where(bits), tf.int32)
+
+    def _decode(self) -> tf.Tensor:
+        return compact._dense(self.bitmask, self.values, self.dim)  # noqa: SLF001
+
+    # ------------------------------------------------------------------ the three reads
+    def lookup(self, ids: tf.Tensor) -> tf.Tensor:
+        """float32 ``[*ids.shape, dim]``; zero vectors for ids outside ``[0, rows)``."""
+        if self.fmt == "dense":
+            return self.matrix.lookup(ids)
+        return compact.lookup(self.bitmask, self.values, self.row_offsets, tf.cast(ids, tf.int64), self.dim)
+
+    def full(self) -> tf.Tensor:
+        """The whole float32 table ``[rows, dim]`` (cached at load with ``scoring="cache"``)."""
+        if self.fmt == "dense":
+            return self.matrix.full()
+        if self.scoring == "cache":
+            return self.cache.read()
+        return self._decode()
+
+    def scores(self, x: tf.Tensor) -> tf.Tensor:
+        """``x · tableᵀ``: float32 ``[B, rows]`` for ``x`` float32 ``[B, dim]``."""
+        if self.fmt == "compact" and self.scoring == "sparse":
+            product = tf.raw_ops.SparseTensorDenseMatMul(
+                a_indices=self.coordinates.read(), a_values=tf.cast(self.values, tf.float32),
+                a_shape=tf.constant([self.rows, self.dim], tf.int64), b=tf.transpose(x))
+            return tf.transpose(product)
+        return tf.matmul(x, self.full(), transpose_b=True)
+
+    def row_norms(self) -> tf.Tensor:
+        """float32 ``[rows]``: ``1 / max(‖row‖, 1e-6)`` as ``tf.math.l2_normalize`` scales rows
+        (``rsqrt(max(Σx², 1e-12))``), from the stored values alone."""
+        if self.fmt == "dense":
+            squares = tf.reduce_sum(tf.square(self.full()), axis=1)
+        else:
+            rows = tf.ragged.row_splits_to_segment_ids(tf.cast(self.row_offsets, tf.int64))
+            squares = tf.math.unsorted_segment_sum(tf.square(tf.cast(self.values, tf.float32)), rows, self.rows)
+        return tf.math.rsqrt(tf.maximum(squares, 1e-12))
+
+
+
+def served_tables(model, fmt: str, values: str, scoring: str) -> dict:
+    """``{layer name: ServedTable}`` for every masked table of ``model`` (error if none)."""
+    layers = dsl_tf.masked_embeddings(model)
+    if not layers:
+        raise ExportError(f"{type(model).__name__} has no MaskedEmbedding / CompactMaskedEmbedding table: "
+                          "nothing to store compactly")
+    names = [layer.name for layer in layers]
+    if len(set(names)) != len(names):
+        raise ExportError(f"masked tables must have distinct names, got {names}")
+    return {layer.name: ServedTable(layer, fmt, values, scoring) for layer in layers}
+
+
+@contextlib.contextmanager
+def patched_layers(model, tables: dict) -> Iterator[None]:
+    """While active, every masked layer of ``model`` answers ``layer(ids)`` from its
+    :class:`ServedTable` (``tables[layer.name]``) instead of its training variables, so a
+    servable can trace the model's own code without capturing the dense tables."""
+    layers = dsl_tf.masked_embeddings(model)
+    try:
+        for layer in layers:
+            table = tables[layer.name]
+            object.__setattr__(layer, "call", lambda inputs, *args, _t=table, **kwargs: _t.lookup(inputs))
+        yield
+    finally:
+        for layer in layers:
+            layer.__dict__.pop("call", None)
+
+
+def layer_variables(model) -> set[int]:
+    """``id`` s of every variable owned by a masked layer of ``model`` (none may be saved)."""
+    return {id(v) for layer in dsl_tf.masked_embeddings(model) for v in layer.weights}
+
+
+def checked_captures(functions, model, owned: list) -> list:
+    """The variables the traced ``functions`` read that the servable does not own yet (the
+    model's other weights: Dense kernels, biases, ...), to be tracked so they are saved.
+    Raises :class:`ExportError` if one belongs to a masked layer (a dense table would be
+    saved)."""
+    masked, mine = layer_variables(model), {id(v) for v in owned}
+    extra: dict[int, tf.Variable] = {}
+    for fn in functions:
+        for var in fn.variables:
+            if id(var) in masked:
+                raise ExportError(f"the servable reads {var.name}, a variable of a masked layer, directly: "
+                                  "only layer calls (layer(ids)) can be served from the compact table")
+            if id(var) not in mine:
+                extra.setdefault(id(var), var)
+    return list(extra.values())
+
+
+
+def captured_resources(functions, model) -> list:
+    """The non-variable resources of ``model`` (lookup tables of ``StringLookup`` /
+    ``IntegerLookup`` layers, ...) the traced ``functions`` read, to be tracked so they are
+    saved with their initializers."""
+    handles = {id(t) for fn in functions for t in fn.captured_inputs if t.dtype == tf.resource}
+    found: dict[int, object] = {}
+    for obj in tf.train.TrackableView(model).descendants():
+        if (isinstance(obj, tf.saved_model.experimental.TrackableResource)
+                and id(getattr(obj, "_resource_handle", None)) in handles):
+            found.setdefault(id(obj), obj)
+    return list(found.values())
