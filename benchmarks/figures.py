@@ -7,7 +7,9 @@
   runs are trained here (under ``--sweep-out``, reused when already finished) (Fig. 3).
 * ``fig4_sparsity_popularity.png``: mean density of embedding rows per popularity group
   (10 groups, least popular first) for users and items, DSL vs RP runs (Fig. 4).
-* ``fig5_loss_curves.png``: training loss per epoch of dense, RP and DSL (Fig. 5).
+* ``fig5_loss_curves.png``: training loss per epoch of dense, RP and DSL (Fig. 5): the mean
+  of the epoch's batch losses (``summary.json`` ``history.loss``; runs written before the
+  trainers averaged it hold the epoch's last batch and are drawn dashed, with a warning).
 
 Usage::
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -124,6 +127,17 @@ def fig4(rows: list[dict], out: Path, sparsity: float = 0.8, num_groups: int = 1
     return _save(fig, out / "fig4_sparsity_popularity.png")
 
 
+def epoch_loss(run: Path) -> tuple[list[float], bool]:
+    """A run's per-epoch training loss and whether it is the epoch mean (``loss_reduction``
+    in ``summary.json``; older runs recorded the last batch's loss)."""
+    summary = json.loads((run / "summary.json").read_text())
+    averaged = summary.get("loss_reduction") == "epoch_mean"
+    if not averaged:
+        warnings.warn(f"{run}: training loss of each epoch's last batch (run predates epoch-mean losses); "
+                      "re-run it for Fig. 5", UserWarning, stacklevel=2)
+    return summary["history"]["loss"], averaged
+
+
 def fig5(rows: list[dict], out: Path, sparsity: float = 0.8) -> Path:
     models = _models(rows)
     fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
@@ -132,9 +146,10 @@ def fig5(rows: list[dict], out: Path, sparsity: float = 0.8) -> Path:
             found = [r for r in rows if r["model"] == model and r["method"] == method
                      and (method == "dense" or r["sparsity"] == sparsity)]
             if found:
-                loss = json.loads((Path(found[0]["run"]) / "summary.json").read_text())["history"]["loss"]
-                ax.plot(np.arange(1, len(loss) + 1), loss, marker="o", color=COLORS[method], label=method)
-        ax.set(title=f"{model} (Gowalla), s={sparsity:g}", xlabel="epoch", ylabel="training loss")
+                loss, averaged = epoch_loss(Path(found[0]["run"]))
+                ax.plot(np.arange(1, len(loss) + 1), loss, marker="o", color=COLORS[method],
+                        ls="-" if averaged else "--", label=method if averaged else f"{method} (last batch)")
+        ax.set(title=f"{model} (Gowalla), s={sparsity:g}", xlabel="epoch", ylabel="training loss (epoch mean)")
         ax.legend()
     return _save(fig, out / "fig5_loss_curves.png")
 

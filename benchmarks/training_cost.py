@@ -11,9 +11,10 @@ Variants (``DynamicSparsity`` with gradient growth on every sparse one, explorat
 * ``dense+adam``: ``tf.keras.layers.Embedding`` + Keras Adam (the reference, 12 B/entry);
 * ``dense+lazy``: ``Embedding`` + ``dsl_tf.LazyAdam`` (the fair dense baseline);
 * ``masked+adam``: ``MaskedEmbedding`` (table + mask + scores) + Keras Adam (dsl-tf before compact storage);
-* ``compact+adam``: ``CompactMaskedEmbedding`` (exact scores) + Keras Adam;
-* ``compact+lazy``: ``CompactMaskedEmbedding`` (exact scores) + LazyAdam (``trainers/train.py --method dsl``);
-* ``window+lazy``: ``CompactMaskedEmbedding(growth_scores="window")`` + LazyAdam (the cheap option).
+* ``compact+adam``: ``CompactMaskedEmbedding`` (exact scores) + Keras Adam (``trainers/train.py --method dsl``);
+* ``compact+lazy``: ``CompactMaskedEmbedding`` (exact scores) + LazyAdam (``--optimizer lazy_adam``);
+* ``int8+lazy``: ``CompactMaskedEmbedding(growth_scores="int8")`` + LazyAdam (scores in a byte per entry);
+* ``window+lazy``: ``CompactMaskedEmbedding(growth_scores="window")`` + LazyAdam (no table-sized scores).
 
 State bytes = every model and optimizer variable after the first step. Timing: ``--rounds``
 round-robin rounds of ``--steps`` steps per variant (round 0, tracing, not timed).
@@ -37,7 +38,7 @@ import dsl_tf  # noqa: E402  (must precede tf.keras)
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-VARIANTS = ("dense+adam", "dense+lazy", "masked+adam", "compact+adam", "compact+lazy", "window+lazy")
+VARIANTS = ("dense+adam", "dense+lazy", "masked+adam", "compact+adam", "compact+lazy", "int8+lazy", "window+lazy")
 
 
 def _table(variant: str, rows: int, dim: int, sparsity: float, name: str) -> tf.keras.layers.Layer:
@@ -47,7 +48,7 @@ def _table(variant: str, rows: int, dim: int, sparsity: float, name: str) -> tf.
         return tf.keras.layers.Embedding(rows, dim, embeddings_initializer=init, name=name)
     if storage == "masked":
         return dsl_tf.MaskedEmbedding(rows, dim, embeddings_initializer=init, name=name)
-    scores = "window" if storage == "window" else "dense"
+    scores = storage if storage in ("window", "int8") else "dense"
     return dsl_tf.CompactMaskedEmbedding(rows, dim, sparsity=sparsity, growth_scores=scores,
                                          embeddings_initializer=init, name=name)
 

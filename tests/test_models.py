@@ -62,7 +62,7 @@ def test_backbone_trains_sparse_at_exact_budget(name, data):
     assert np.ptp(scores) > 0
 
 
-@pytest.mark.parametrize("name", ["two_tower", "mf_bpr"])
+@pytest.mark.parametrize("name", ["two_tower", "mf_bpr", "ultragcn"])
 def test_retrieval_towers_reproduce_scores(name, data):
     model = build_model(name, data.num_users, data.num_items, dim=8)
     model.attach(data.train)
@@ -153,3 +153,30 @@ def test_bad_model_and_hparams_are_rejected():
         build_model("two_tower", 2, 2, temprature=0.1)
     with pytest.raises(ValueError, match="needs model.attach"):
         build_model("lightgcn", 2, 2).score_all(np.array([0]))
+
+
+class _BatchLosses(tf.keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.epochs = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epochs.append([])
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.epochs[-1].append(float(logs["total_loss"]))  # the batch's own loss (no regularisers here)
+
+
+@pytest.mark.parametrize("name", ["mf_bpr", "two_tower"])
+def test_history_loss_is_the_epoch_mean_of_batch_losses(name, data):
+    """Fig. 5 reads History's loss: it must average the epoch's batches (TFRS reports the last batch's)."""
+    tf.keras.utils.set_random_seed(0)
+    model = build_model(name, data.num_users, data.num_items, dim=8)
+    model.attach(data.train)
+    model.compile(tf.keras.optimizers.Adam(0.01))
+    batches = _BatchLosses()
+    history = model.fit(model.make_dataset(data, 32, seed=0), epochs=3, verbose=0, callbacks=[batches])
+    assert [len(b) for b in batches.epochs] == [len(model.make_dataset(data, 32, seed=0))] * 3
+    for loss, losses in zip(history.history["loss"], batches.epochs):
+        assert loss == pytest.approx(np.mean(losses), rel=1e-5)
+        assert abs(loss - losses[-1]) > 1e-4  # not the last batch's

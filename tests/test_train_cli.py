@@ -265,3 +265,19 @@ def test_summary_breaks_every_epoch_down(method_runs):
         assert total["exploration_seconds"] == pytest.approx(explored)
         assert (explored > 0) == (method == "dsl")
         assert total["wall_over_steps"] >= 1.0 and total["final_evaluation_seconds"] > 0
+
+
+def test_fig5_reads_the_epoch_mean_loss(method_runs, tmp_path):
+    """Runs record History's loss, the mean of each epoch's batch losses; Fig. 5 draws it and flags older runs."""
+    from benchmarks.figures import epoch_loss
+
+    summary = dict(method_runs["dsl"][1])
+    assert summary["loss_reduction"] == "epoch_mean" and len(summary["history"]["loss"]) == 4
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "summary.json").write_text(json.dumps(summary))
+    assert epoch_loss(run) == (summary["history"]["loss"], True)
+    del summary["loss_reduction"]
+    (run / "summary.json").write_text(json.dumps(summary))
+    with pytest.warns(UserWarning, match="last batch"):
+        assert epoch_loss(run) == (summary["history"]["loss"], False)

@@ -1,9 +1,10 @@
 """Training methods as objects: one per method, all called the same way by ``trainers.train``.
 
 A method decides which embedding tables the trained model has (:meth:`Method.build`),
-how often its masks change (:meth:`Method.mask_update_every`, for MAC accounting) and how
-it fits (:meth:`Method.fit`: callbacks, phases, what happens after ``fit``). It returns
-the trained model with ``MaskedEmbedding`` tables, the ``History`` objects and the
+how often its masks change (:meth:`Method.mask_update_every`, for MAC accounting), from
+which epoch its model is at its final sparsity (:meth:`Method.selectable_from`, for early
+stopping) and how it fits (:meth:`Method.fit`: callbacks, phases, what happens after
+``fit``). It returns the trained model with ``MaskedEmbedding`` tables, the ``History`` objects and the
 ``DynamicSparsity`` callback if one ran. Adding a method touches this module only.
 
 >>> sorted(METHODS)
@@ -29,9 +30,16 @@ class Context:
 
     cfg: "object"  # trainers.train.TrainConfig (not imported: train imports this module)
     total_steps: int
+    """The planned length the schedules run over: ``schedule_epochs × steps_per_epoch``
+    (``cfg.epochs`` may stop the fit earlier: the retrain after early stopping)."""
     update_interval: int
     build: Callable[[EmbeddingFactory | None], Recommender]
     log_dir: str | None = None
+    steps_per_epoch: int = 1
+
+    @property
+    def planned_epochs(self) -> int:
+        return self.total_steps // self.steps_per_epoch
 
 
 class Method:
@@ -44,6 +52,11 @@ class Method:
 
     def mask_update_every(self, ctx: Context) -> int:
         return ctx.update_interval
+
+    def selectable_from(self, ctx: Context) -> int:
+        """First epoch (1-based) after which the model is at its final sparsity: early
+        stopping may choose only from there."""
+        return 1
 
     def fit(self, model: Recommender, ctx: Context, fit: Callable, callbacks: list
             ) -> tuple[Recommender, list, dsl_tf.DynamicSparsity | None]:
@@ -69,7 +82,7 @@ class DynamicSparse(Method):
         cfg = ctx.cfg
         return dsl_tf.DynamicSparsity(
             sparsity=cfg.sparsity, update_interval=ctx.update_interval, initial_update_ratio=cfg.initial_update_ratio,
-            decay=cfg.decay, growth=self.growth, seed=cfg.seed, log_dir=ctx.log_dir,
+            decay=cfg.decay, growth=self.growth, seed=cfg.seed, log_dir=ctx.log_dir, end_step=ctx.total_steps,
         )
 
     def fit(self, model, ctx, fit, callbacks):
@@ -93,6 +106,9 @@ class GradualMagnitudePruning(Method):
     def mask_update_every(self, ctx):
         return self.schedule(ctx).frequency
 
+    def selectable_from(self, ctx):
+        return self.schedule(ctx).end_step // ctx.steps_per_epoch + 1  # TFMOT prunes to s during step end_step
+
     def fit(self, model, ctx, fit, callbacks):
         history = [fit(epochs=ctx.cfg.epochs, callbacks=callbacks + [tfmot.sparsity.keras.UpdatePruningStep()])]
         masked = ctx.build(None)
@@ -105,9 +121,21 @@ class OneShotMagnitudePruning(Method):
 
     name = "omp"
 
+    def dense_epochs(self, ctx: Context) -> int:
+        """Epochs trained dense: ``omp_dense_fraction`` of the planned epochs, at least one
+        dense and one fine-tuning epoch."""
+        planned = ctx.planned_epochs
+        return min(planned - 1, max(1, round(ctx.cfg.omp_dense_fraction * planned)))
+
+    def selectable_from(self, ctx):
+        return self.dense_epochs(ctx) + 1
+
     def fit(self, model, ctx, fit, callbacks):
         cfg = ctx.cfg
-        dense_epochs = min(cfg.epochs - 1, max(1, round(cfg.omp_dense_fraction * cfg.epochs)))
+        dense_epochs = self.dense_epochs(ctx)
+        if cfg.epochs <= dense_epochs:
+            raise ValueError(f"method 'omp' trains {dense_epochs} dense epochs (of {ctx.planned_epochs} planned): "
+                             f"epochs must exceed it, got {cfg.epochs}")
         history = [fit(epochs=dense_epochs, callbacks=callbacks)]
         baselines.omp_prune(model, cfg.sparsity, cfg.seed, model.optimizer)
         keep_fixed = dsl_tf.DynamicSparsity(sparsity=cfg.sparsity, update_interval=ctx.total_steps + 1,

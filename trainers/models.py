@@ -7,11 +7,14 @@ model. Every model exposes:
 
 * ``score_all(user_ids int64[B]) -> float32[B, num_items]`` for full-ranking evaluation;
 * ``user_tower`` / ``item_tower``: for dot-product retrieval models (``two_tower``,
-  ``mf_bpr``), Keras layers mapping int64 ids ``[B]`` to vectors ``[B, d]`` whose first
+  ``mf_bpr``, ``ultragcn``), Keras layers mapping int64 ids ``[B]`` to vectors ``[B, d]`` whose first
   layer is the ``MaskedEmbedding`` (scores are ``user_tower(u) · item_tower(i)``);
   ``None`` for the others;
 * ``train_cost(batch_size)`` / ``inference_cost()``: dense forward MACs of the
   embedding-dependent operations (see :class:`Cost`), for the paper's MAC accounting.
+
+``fit``'s ``History`` ``loss`` is the mean of the epoch's batch losses (a running mean
+during the epoch, as Keras reports compiled losses), not TFRS's last-batch value.
 
 >>> import dsl_tf
 >>> from trainers.models import build_model
@@ -151,6 +154,25 @@ class Recommender(tfrs.models.Model):
         self.item_tower = None
         self._attached = False
         self._num_tables = 0
+        # Not an attribute Keras tracks: checkpoints of earlier runs have no such variables.
+        self.__dict__["_epoch_loss"] = tf.keras.metrics.Mean(name="loss")
+
+    @property
+    def metrics(self) -> list:
+        """Keras resets these at the start of every epoch (the epoch-mean ``loss`` included)."""
+        return [*super().metrics, self.__dict__["_epoch_loss"]]
+
+    def train_step(self, inputs) -> dict:
+        """TFRS's step, with ``loss`` the running mean over the epoch's batches.
+
+        ``tfrs.models.Model.train_step`` returns the batch's loss, so Keras' ``History`` would
+        hold the loss of each epoch's last batch; ``regularization_loss`` and ``total_loss``
+        stay per-batch values.
+        """
+        logs = super().train_step(inputs)
+        mean = self.__dict__["_epoch_loss"]
+        mean.update_state(logs["loss"])
+        return {**logs, "loss": mean.result()}
 
     def embedding(self, rows: int, dim: int, name: str) -> tf.keras.layers.Layer:
         """A new id table (``MaskedEmbedding`` unless another factory was given).
@@ -423,6 +445,175 @@ class LightGCN(_BPRModel):
         return float(self.hp.num_layers * self._nnz * self.hp.dim)
 
 
+# ======================================================================= UltraGCN
+def ultragcn_degree_weights(train: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
+    """UltraGCN's constraint factors ``(β_u [U], β_i [I])`` from the training graph's degrees.
+
+    ``β_{u,i} = β_u · β_i`` with ``β_u = sqrt(d_u + 1) / d_u`` and ``β_i = 1 / sqrt(d_i + 1)``
+    (``d`` = number of training interactions; Mao et al. 2021, Eq. 8, as the official code
+    computes it). Users without training interaction get ``β_u = 0`` (they are in no
+    training pair).
+
+    >>> bu, bi = ultragcn_degree_weights(sp.csr_matrix(np.array([[1, 1], [0, 1]], np.float32)))
+    >>> bu.astype(float).round(4).tolist(), bi.astype(float).round(4).tolist()
+    ([0.866, 1.4142], [0.7071, 0.5774])
+    """
+    train = sp.csr_matrix(train)
+    users = np.diff(train.indptr).astype(np.float64)
+    items = np.bincount(train.indices, minlength=train.shape[1]).astype(np.float64)
+    beta_u = np.divide(np.sqrt(users + 1.0), users, out=np.zeros_like(users), where=users > 0)
+    return beta_u.astype(np.float32), (1.0 / np.sqrt(items + 1.0)).astype(np.float32)
+
+
+def item_neighbors(train: sp.csr_matrix, k: int, diagonal_zero: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Each item's ``k`` nearest neighbours on the item–item co-occurrence graph ``G = AᵀA``.
+
+    Weights as the official UltraGCN code computes them (``get_ii_constraint_mat``):
+    ``ω_ij = G_ij · sqrt(g_i + 1) / g_i / sqrt(g_j + 1)`` with ``g`` the row sums of ``G``,
+    whose diagonal ``G_ii`` (the item's degree) is kept unless ``diagonal_zero`` (the paper's
+    Eq. 12 writes ``G_ij / (g_i − G_ii) · sqrt(g_i / g_j)``). Per item the ``k`` largest
+    float32 weights, ties to the lower item id (``tf.math.top_k``); an item with fewer than
+    ``k`` co-occurring items is padded with itself at weight 0. Rows are ranked in blocks of
+    2^25 dense entries (Gowalla's train split, 34.6 M entries in ``G``: ~10 s on 2 cores).
+
+    Returns:
+      ``(ids int64 [I, k], weights float32 [I, k])``, weights non-increasing along each row.
+
+    >>> a = sp.csr_matrix(np.array([[1, 1, 0], [0, 1, 1], [0, 1, 0]], np.float32))
+    >>> ids, w = item_neighbors(a, 2, diagonal_zero=True)
+    >>> ids.tolist(), w.astype(float).round(4).tolist()  # g = [1, 2, 1]: ω_01 = √2/√3, ω_10 = √3/2/√2
+    ([[1, 0], [0, 2], [1, 2]], [[0.8165, 0.0], [0.6124, 0.6124], [0.8165, 0.0]])
+    """
+    num_items = train.shape[1]
+    if not 1 <= k <= num_items:
+        raise ValueError(f"k must be in [1, {num_items}] (the number of items), got {k}")
+    a = sp.csr_matrix(train, dtype=np.float32)  # co-occurrence counts are exact in float32 below 2^24
+    graph = (a.T @ a).tocsr()
+    if diagonal_zero:
+        graph.setdiag(0.0)
+        graph.eliminate_zeros()
+    g = np.asarray(graph.sum(axis=1, dtype=np.float64)).ravel()
+    left = np.divide(np.sqrt(g + 1.0), g, out=np.zeros_like(g), where=g > 0)
+    right = 1.0 / np.sqrt(g + 1.0)
+    ids = np.empty((num_items, k), np.int64)
+    weights = np.empty((num_items, k), np.float32)
+    block = max(1, 2**25 // num_items)
+    dense = np.zeros((block, num_items), np.float32)
+    for start in range(0, num_items, block):
+        stop = min(num_items, start + block)
+        lo, hi = graph.indptr[start], graph.indptr[stop]
+        rows = np.repeat(np.arange(stop - start), np.diff(graph.indptr[start:stop + 1]))
+        cols = graph.indices[lo:hi]
+        dense[rows, cols] = graph.data[lo:hi] * left[start + rows] * right[cols]
+        values, top = tf.math.top_k(dense[: stop - start], k)
+        dense[rows, cols] = 0.0
+        weights[start:stop] = values.numpy()
+        ids[start:stop] = np.where(weights[start:stop] > 0, top.numpy(), np.arange(start, stop)[:, None])
+    return ids, weights
+
+
+class UltraGCN(MFBPR):
+    """UltraGCN (Mao et al., CIKM 2021): matrix factorisation trained with the constraint
+    losses that approximate infinite-layer graph convolution; scores ``e_u · e_i``.
+
+    Loss per positive pair ``(u, i)`` with negatives ``N`` drawn uniformly over all items,
+    summed over the batch and divided by the batch size (the official code sums)::
+
+        (w1 + w2 β_ui) softplus(−e_u·e_i) + negative_weight · mean_{j∈N} (w3 + w4 β_uj) softplus(e_u·e_j)
+        + ii_weight · Σ_{j∈S(i)} ω_ij softplus(−e_u·e_j)   +   l2 / 2 · ‖θ‖²
+
+    i.e. the weighted BCE that merges L_O and the user–item constraint loss L_C (β from
+    :func:`ultragcn_degree_weights`) plus λ·L_I over the positive item's ``ii_neighbors``
+    nearest items ``S(i)`` on the item co-occurrence graph (:func:`item_neighbors`), and L2
+    with γ = ``l2``. Defaults are the official Gowalla configuration (dim 64, init std 1e-4,
+    w1 = w3 = 1e-6, w2 = w4 = 1, 1,500 negatives at weight 300, γ = 1e-4, λ = 5e-4, 10
+    neighbours; trainer defaults batch 512, lr 1e-4). Two choices differ from that code,
+    each with the official behaviour one hyper-parameter away:
+
+    * ``negatives="all"`` (default): the negative term's exact expectation over the official
+      code's uniform draw, i.e. its mean over every item (a ``[B, I]`` matmul on the whole
+      item table; ``num_negatives`` unused). ``"per_pair"``: the official sampling,
+      ``num_negatives`` independent draws per pair, ``B·N`` gathered rows (768 k per Gowalla
+      step). Same Recall@20 on synthetic data (0.3462 both, 300 users × 400 items, N=50,
+      10 epochs); per Gowalla step (batch 512, 2 loaded cores) 0.21 s vs 0.41 s with
+      ``MaskedEmbedding`` tables and 0.41 s vs 3.3 s with ``CompactMaskedEmbedding``. One
+      draw of N items shared by the batch was tried and dropped (Recall@20 0.098 there).
+    * ``l2_scope="batch"`` (default): ``‖θ‖²`` over the rows the step looks up (users,
+      positives, negatives, neighbours), O(batch) as the other models; ``"table"``: over
+      both whole tables every step, as the official code (O(table) per step).
+
+    ``user_tower`` / ``item_tower`` are the two tables (exported like ``mf_bpr``). The
+    constants (β, neighbours) are computed from ``attach`` 's interactions when the loss is
+    first traced, so scoring and loading a run do not pay for them.
+    """
+
+    HPARAMS = {**_COMMON, "init_std": 1e-4, "l2": 1e-4, "w1": 1e-6, "w2": 1.0, "w3": 1e-6, "w4": 1.0,
+               "num_negatives": 1500, "negative_weight": 300.0, "ii_weight": 5e-4, "ii_neighbors": 10,
+               "ii_diagonal_zero": False, "negatives": "all", "l2_scope": "batch"}
+    REFERENCE = ("Mao et al. 2021, UltraGCN: ultra simplification of graph convolutional networks for "
+                 "recommendation (CIKM)")
+
+    def __init__(self, num_users: int, num_items: int, embedding_factory=None, **hparams):
+        super().__init__(num_users, num_items, embedding_factory, **hparams)
+        for name, value, choices in (("negatives", self.hp.negatives, ("per_pair", "all")),
+                                     ("l2_scope", self.hp.l2_scope, ("batch", "table"))):
+            if value not in choices:
+                raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+        for name in ("num_negatives", "ii_neighbors"):
+            if int(getattr(self.hp, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self.hp, name)!r}")
+        self._train = None
+        self._constants = None
+
+    def _attach(self, train: sp.csr_matrix) -> None:
+        self._train, self._constants = train, None
+
+    def constraint_constants(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """``(β_u, β_i, neighbour ids [I, K], neighbour weights [I, K])`` of the attached data."""
+        self._check_attached()
+        if self._constants is None:
+            beta_u, beta_i = ultragcn_degree_weights(self._train)
+            with tf.init_scope():  # eager even when first called while tracing the loss
+                ids, weights = item_neighbors(self._train, int(self.hp.ii_neighbors), bool(self.hp.ii_diagonal_zero))
+            self._constants = beta_u, beta_i, ids, weights
+        return self._constants
+
+    def compute_loss(self, inputs, training: bool = False) -> tf.Tensor:
+        hp = self.hp
+        beta_u, beta_i, neighbors, neighbor_weights = (tf.constant(c) for c in self.constraint_constants())
+        users, pos = tf.cast(inputs["user_id"], tf.int64), tf.cast(inputs["item_id"], tf.int64)
+        batch, count = tf.shape(pos)[0], int(hp.num_negatives)
+        neg = self._all(self.num_items) if hp.negatives == "all" else self._negatives([batch, count])
+        near = tf.gather(neighbors, pos)  # [B, K]
+        u = self.user_table(users, training=training)
+        items = self.item_table(tf.concat([pos, tf.reshape(neg, [-1]), tf.reshape(near, [-1])], 0),
+                                training=training)  # every table is called once per step
+        e_pos, e_neg, e_near = tf.split(items, [batch, tf.size(neg), tf.size(near)])
+        if hp.negatives == "all":
+            neg_logits = tf.matmul(u, e_neg, transpose_b=True)  # [B, I]
+        else:
+            neg_logits = tf.einsum("bd,bnd->bn", u, tf.reshape(e_neg, [batch, count, -1]))
+        b_u = tf.gather(beta_u, users)
+        w_pos = hp.w1 + hp.w2 * b_u * tf.gather(beta_i, pos)
+        w_neg = hp.w3 + hp.w4 * b_u[:, None] * tf.gather(beta_i, neg)  # [B, N] or [B, I]
+        pos_logits = tf.reduce_sum(u * e_pos, -1)
+        loss_l = (w_pos * tf.nn.softplus(-pos_logits)
+                  + hp.negative_weight * tf.reduce_mean(w_neg * tf.nn.softplus(neg_logits), -1))
+        near_logits = tf.einsum("bd,bkd->bk", u, tf.reshape(e_near, [batch, tf.shape(near)[1], -1]))
+        loss_i = tf.reduce_sum(tf.gather(neighbor_weights, pos) * tf.nn.softplus(-near_logits), -1)
+        if hp.l2_scope == "batch":
+            norm = tf.reduce_sum(tf.square(u)) + tf.reduce_sum(tf.square(items))
+        else:
+            norm = tf.add_n([tf.reduce_sum(tf.square(w)) for table in (self.user_table, self.item_table)
+                             for w in table.trainable_weights])
+        total = tf.reduce_sum(loss_l) + hp.ii_weight * tf.reduce_sum(loss_i) + hp.l2 * norm / 2.0
+        return total / tf.cast(batch, tf.float32)
+
+    def train_cost(self, batch_size: int) -> Cost:
+        negatives = self.num_items if self.hp.negatives == "all" else int(self.hp.num_negatives)
+        return Cost(sparse_per_example=(1 + negatives + int(self.hp.ii_neighbors)) * self.hp.dim)
+
+
 # ======================================================================= NeuMF
 class NeuMF(Recommender):
     """Neural matrix factorisation (He et al., WWW 2017): GMF + MLP, pointwise BCE.
@@ -648,6 +839,7 @@ MODELS: dict[str, type[Recommender]] = {
     "neumf": NeuMF,
     "multvae": MultVAE,
     "cdae": CDAE,
+    "ultragcn": UltraGCN,
 }
 
 
@@ -665,7 +857,7 @@ def build_model(
     >>> build_model("nope", 1, 1)
     Traceback (most recent call last):
     ...
-    ValueError: unknown model 'nope'; choose from ['cdae', 'lightgcn', 'mf_bpr', 'multvae', 'neumf', 'two_tower']
+    ValueError: unknown model 'nope'; choose from ['cdae', 'lightgcn', 'mf_bpr', 'multvae', 'neumf', 'two_tower', 'ultragcn']
     """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose from {sorted(MODELS)}")

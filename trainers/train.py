@@ -14,7 +14,18 @@ full-ranking Recall / NDCG / HR / Precision @20 with training items excluded.
 
 Update interval: ``--update-interval`` (ΔT) defaults to ``max(1, total_steps // 20)``
 (about 20 explorations per run), the paper's ΔT = 2000–20000 being meant for runs of
-10⁵+ steps. GMP updates its masks every ΔT steps as well.
+10⁵+ steps. GMP updates its masks every ΔT steps as well. ``total_steps`` is the planned
+length, ``--schedule-epochs`` (default ``--epochs``) × steps per epoch: DSL's ``end_step``,
+GMP's pruning phase and OMP's dense phase are placed in it, even if the fit stops earlier.
+
+Early stopping (``--early-stopping``, :mod:`trainers.early_stopping`): a selection fit on
+train evaluates Recall@20 on valid every ``--es-every`` epochs for at most ``--epochs``,
+stops after ``--es-patience`` evaluations without improvement and restores the best model
+(epoch E*). ``--protocol valid``: that model is the run. ``--protocol test``: a fresh model
+is then fit on train+valid for E* epochs with the selection's plan (``--schedule-epochs`` =
+the budget) and evaluated once on test; test is never read during selection. The same as
+``--protocol test --epochs E* --schedule-epochs <budget>`` after a ``--protocol valid``
+run. ``summary.json`` records the chosen epoch and the validation curve (``early_stopping``).
 
 Run directory ``--out`` (read back by :func:`trainers.runs.load_run`). The config and the
 data are checked first; the run is written to a hidden scratch sibling and renamed to
@@ -67,11 +78,13 @@ import tensorflow as tf  # noqa: E402
 
 from trainers import baselines, runs  # noqa: E402
 from trainers.data import load_dataset  # noqa: E402
+from trainers.early_stopping import ValidationEarlyStopping, valid_evaluator  # noqa: E402
 from trainers.evaluation import RankingEvaluation, evaluate_full_ranking  # noqa: E402
 from trainers.methods import METHODS, Context, DynamicSparse  # noqa: E402
 from trainers.models import MODELS, Recommender, build_model  # noqa: E402
 
 STORAGES = ("compact", "dense")
+GROWTH_SCORES = ("dense", "int8", "window")
 OPTIMIZERS = {"lazy_adam": dsl_tf.LazyAdam, "adam": tf.keras.optimizers.Adam}
 """``--optimizer``: the optimizer class of every method, called with the learning rate."""
 
@@ -82,6 +95,7 @@ MODEL_DEFAULTS: dict[str, dict] = {
     "neumf": {"epochs": 10, "batch_size": 1024, "lr": 0.002},
     "multvae": {"epochs": 50, "batch_size": 128, "lr": 0.005},
     "cdae": {"epochs": 50, "batch_size": 128, "lr": 0.01},
+    "ultragcn": {"epochs": 50, "batch_size": 512, "lr": 1e-4},  # the official Gowalla batch and lr
 }
 """Per-model defaults for the fields left ``None`` in :class:`TrainConfig`."""
 
@@ -96,10 +110,12 @@ class TrainConfig:
     from ``dim``/``seed``); ``dataset_args`` go to ``trainers.data.load_dataset``.
     ``storage`` is that of the DSL/RP/SET tables (``"compact"``: only active entries are
     stored and trained, ``dsl_tf.CompactMaskedEmbedding``; ``"dense"``: table + mask),
-    ``growth_scores`` that of compact DSL tables (``"dense"``: exact, ``"window"``: the last
-    rows only), ``optimizer`` the one of every method (``"adam"``: Keras Adam, the default;
+    ``growth_scores`` that of compact DSL tables (``"dense"``: exact, ``"int8"``: quantised to
+    a byte per entry, ``"window"``: the last rows only), ``optimizer`` the one of every method (``"adam"``: Keras Adam, the default;
     ``"lazy_adam"``: ``dsl_tf.LazyAdam``, O(batch) steps, but 10–22 % lower Recall@20 on
-    synthetic two_tower at 5 epochs with the same learning rate).
+    synthetic two_tower at 5 epochs with the same learning rate). ``schedule_epochs``: the
+    length the sparsity schedules are planned over (default ``epochs``); ``early_stopping``
+    and ``es_*``: see the module docstring (``epochs`` is then the budget).
     """
 
     model: str = "two_tower"
@@ -126,6 +142,11 @@ class TrainConfig:
     omp_dense_fraction: float = 0.5
     gmp_end_fraction: float = 0.75
     verbose: int = 1
+    schedule_epochs: int | None = None
+    early_stopping: bool = False
+    es_every: int = 1
+    es_patience: int = 5
+    es_min_delta: float = 0.0
 
     def resolved(self) -> TrainConfig:
         """A validated copy with the per-model defaults filled in."""
@@ -134,7 +155,7 @@ class TrainConfig:
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose from {list(METHODS)}")
         for name, value, choices in (("storage", self.storage, STORAGES), ("optimizer", self.optimizer, OPTIMIZERS),
-                                     ("growth_scores", self.growth_scores, ("dense", "window"))):
+                                     ("growth_scores", self.growth_scores, GROWTH_SCORES)):
             if value not in choices:
                 raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
         if self.protocol not in ("test", "valid"):
@@ -157,6 +178,11 @@ class TrainConfig:
             raise ValueError("method 'omp' needs epochs >= 2 (dense training, then fine-tuning)")
         if not 0.0 < out.omp_dense_fraction < 1.0:
             raise ValueError(f"omp_dense_fraction must be in (0, 1), got {out.omp_dense_fraction}")
+        for name in ("schedule_epochs", "es_every", "es_patience"):
+            if getattr(out, name) is not None and getattr(out, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(out, name)}")
+        if not (np.isfinite(out.es_min_delta) and out.es_min_delta >= 0):
+            raise ValueError(f"es_min_delta must be a finite number >= 0, got {out.es_min_delta}")
         return out
 
 
@@ -205,6 +231,9 @@ class EpochTimer(tf.keras.callbacks.Callback):
     ``on_train_end``), so whatever happens between two epochs (other callbacks'
     ``on_epoch_end``, evaluation, TensorBoard, the dataset iterator's teardown and
     creation) is counted in it. :func:`time_breakdown` adds explorations and the rest.
+    To say where the rest went, each epoch also records its largest gap between one
+    step's end and the next one's start (the other callbacks' batch hooks; before batch 0:
+    from the epoch's start) and the time after its last step.
     """
 
     def __init__(self):
@@ -215,14 +244,21 @@ class EpochTimer(tf.keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None):
         self._close()
-        self._epoch = {"epoch": epoch, "start": time.perf_counter(), "steps": 0, "step_seconds": 0.0,
-                       "first_step": int(self.model.optimizer.iterations.numpy())}
+        now = time.perf_counter()
+        self._epoch = {"epoch": epoch, "start": now, "steps": 0, "step_seconds": 0.0,
+                       "first_step": int(self.model.optimizer.iterations.numpy()),
+                       "largest_gap_seconds": 0.0, "largest_gap_before_batch": 0}
+        self._batch_end = now
 
     def on_train_batch_begin(self, batch, logs=None):
         self._batch_start = time.perf_counter()
+        gap = self._batch_start - self._batch_end  # other callbacks' batch hooks, or the epoch's start
+        if gap > self._epoch["largest_gap_seconds"]:
+            self._epoch.update(largest_gap_seconds=gap, largest_gap_before_batch=batch)
 
     def on_train_batch_end(self, batch, logs=None):
-        self._epoch["step_seconds"] += time.perf_counter() - self._batch_start
+        self._batch_end = time.perf_counter()
+        self._epoch["step_seconds"] += self._batch_end - self._batch_start
         self._epoch["steps"] += 1
 
     def on_train_end(self, logs=None):
@@ -230,7 +266,9 @@ class EpochTimer(tf.keras.callbacks.Callback):
 
     def _close(self) -> None:
         if self._epoch is not None:
-            self._epoch["wall_seconds"] = time.perf_counter() - self._epoch.pop("start")
+            now = time.perf_counter()
+            self._epoch["wall_seconds"] = now - self._epoch.pop("start")
+            self._epoch["after_last_step_seconds"] = now - self._batch_end  # epoch end hooks, evaluation, ...
             self.epochs.append(self._epoch)
             self._epoch = None
 
@@ -338,23 +376,32 @@ def run_training(config: TrainConfig | dict) -> tuple[Recommender, dict]:
     return model, summary
 
 
-def _train(cfg: TrainConfig, data, start: float, out: Path, work: Path) -> tuple[Recommender, dict]:
-    """The run itself; everything is written into the scratch directory ``work``."""
-    tf.keras.utils.set_random_seed(cfg.seed)
-    if cfg.protocol == "test":
-        fit_data, eval_csr = data.merged_train_valid(), data.test
-    else:
-        fit_data, eval_csr = data, data.valid
-    if eval_csr.nnz == 0:
-        raise ValueError(f"dataset {cfg.dataset!r} has no {cfg.protocol} interactions to evaluate on")
+@dataclasses.dataclass
+class _Fit:
+    """One fitted model of a run and what its fit measured."""
 
-    tb_dir = work / "tensorboard"
+    cfg: TrainConfig
+    model: Recommender
+    history: list
+    sparsity_cb: dsl_tf.DynamicSparsity | None
+    timer: EpochTimer
+    macs: MacCounter
+    update_interval: int
+    seconds: float
+    stopper: ValidationEarlyStopping | None
+
+
+def _fit(cfg: TrainConfig, fit_data, eval_csr, tb_dir: Path, select_on=None) -> _Fit:
+    """Build and fit ``cfg`` 's model on ``fit_data``; with ``select_on`` (a valid csr), early
+    stopping on it (``--eval-every`` curves on ``eval_csr`` otherwise)."""
+    tf.keras.utils.set_random_seed(cfg.seed)
     method = METHODS[cfg.method]
     examples = MODELS[cfg.model].num_examples(fit_data.train)
     steps_per_epoch = -(-examples // cfg.batch_size)
-    total_steps = cfg.epochs * steps_per_epoch
+    total_steps = (cfg.schedule_epochs or cfg.epochs) * steps_per_epoch
     update_interval = cfg.update_interval or max(1, total_steps // 20)
-    ctx = Context(cfg, total_steps, update_interval, lambda factory: _build(cfg, fit_data, factory), str(tb_dir / "dsl"))
+    ctx = Context(cfg, total_steps, update_interval, lambda factory: _build(cfg, fit_data, factory),
+                  str(tb_dir / "dsl"), steps_per_epoch)
     model = method.build(ctx)
     model.compile(optimizer=OPTIMIZERS[cfg.optimizer](cfg.lr))
     dataset = model.make_dataset(fit_data, cfg.batch_size, cfg.seed)
@@ -363,14 +410,64 @@ def _train(cfg: TrainConfig, data, start: float, out: Path, work: Path) -> tuple
     macs = MacCounter(model.train_cost(cfg.batch_size), examples, steps_per_epoch, method.mask_update_every(ctx))
     timer = EpochTimer()
     callbacks: list = [timer, macs, EpochTensorBoard(str(tb_dir))]
-    if cfg.eval_every:
+    stopper = None
+    if select_on is not None:
+        start_epoch = method.selectable_from(ctx)
+        if start_epoch > cfg.epochs:
+            raise ValueError(f"early stopping: {cfg.method} reaches its final sparsity after epoch {start_epoch - 1} "
+                             f"of the {ctx.planned_epochs} planned, beyond the budget of {cfg.epochs} epochs")
+        stopper = ValidationEarlyStopping(valid_evaluator(fit_data.train, select_on), every_n_epochs=cfg.es_every,
+                                          patience=cfg.es_patience, min_delta=cfg.es_min_delta,
+                                          start_epoch=start_epoch)
+        callbacks.append(stopper)
+    elif cfg.eval_every:
         callbacks.append(RankingEvaluation(model.scorer, fit_data.train, eval_csr, every_n_epochs=cfg.eval_every,
                                            prefix=f"{cfg.protocol}_", log_dir=str(tb_dir / "eval")))
     fit_start = time.time()
     fit = functools.partial(model.fit, x=dataset, verbose=cfg.verbose)
     model, history, sparsity_cb = method.fit(model, ctx, fit, callbacks)
-    train_seconds = time.time() - fit_start
-    timing = time_breakdown(timer.epochs, sparsity_cb.explorations if sparsity_cb is not None else [])
+    return _Fit(cfg, model, history, sparsity_cb, timer, macs, update_interval, time.time() - fit_start, stopper)
+
+
+def _select(cfg: TrainConfig, data, tb_dir: Path) -> _Fit:
+    """Early stopping's selection fit: train on train, choose the epoch on valid."""
+    if data.valid.nnz == 0:
+        raise ValueError(f"dataset {cfg.dataset!r} has no valid interactions: --early-stopping needs a "
+                         "validation split")
+    selection = _fit(cfg, data, data.valid, tb_dir, select_on=data.valid)
+    stopper = selection.stopper
+    if cfg.verbose:
+        stopped = f"stopped after epoch {stopper.stopped_epoch}" if stopper.stopped_epoch else "ran the whole budget"
+        print(f"[train] early stopping: best epoch {stopper.best_epoch} of {cfg.epochs} (valid recall@20="
+              f"{stopper.best_metrics['recall@20']:.4f}), {stopped}", flush=True)
+    return selection
+
+
+def _train(cfg: TrainConfig, data, start: float, out: Path, work: Path) -> tuple[Recommender, dict]:
+    """The run itself; everything is written into the scratch directory ``work``."""
+    if cfg.protocol == "test":
+        fit_data, eval_csr = data.merged_train_valid(), data.test
+    else:
+        fit_data, eval_csr = data, data.valid
+    if eval_csr.nnz == 0:
+        raise ValueError(f"dataset {cfg.dataset!r} has no {cfg.protocol} interactions to evaluate on")
+
+    tb_dir = work / "tensorboard"
+    selection = None
+    if cfg.early_stopping:
+        selection = _select(cfg, data, tb_dir if cfg.protocol == "valid" else tb_dir / "selection")
+    if selection is not None and cfg.protocol == "valid":
+        run = selection
+    elif selection is not None:
+        retrain = dataclasses.replace(cfg, epochs=selection.stopper.best_epoch, early_stopping=False,
+                                      schedule_epochs=cfg.schedule_epochs or cfg.epochs)
+        run = _fit(retrain, fit_data, eval_csr, tb_dir)
+    else:
+        run = _fit(cfg, fit_data, eval_csr, tb_dir)
+    model, history, sparsity_cb, macs, update_interval = (run.model, run.history, run.sparsity_cb, run.macs,
+                                                           run.update_interval)
+    train_seconds = run.seconds
+    timing = time_breakdown(run.timer.epochs, sparsity_cb.explorations if sparsity_cb is not None else [])
     eval_start = time.time()
 
     metrics = evaluate_full_ranking(model.scorer(), fit_data.train, eval_csr)
@@ -399,13 +496,21 @@ def _train(cfg: TrainConfig, data, start: float, out: Path, work: Path) -> tuple
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
         "train_seconds": train_seconds,
         "time": timing,
-        "steps": cfg.epochs * steps_per_epoch,
+        "steps": sum(epoch["steps"] for epoch in run.timer.epochs),
         "update_interval": update_interval,
+        "schedule_epochs": run.cfg.schedule_epochs or run.cfg.epochs,
+        "loss_reduction": "epoch_mean",  # history.loss: mean of each epoch's batch losses
         "history": {k: [float(v) for h in history for v in h.history.get(k, [])]
                     for k in sorted({k for h in history for k in h.history})},
         "explorations": sparsity_cb.explorations if sparsity_cb is not None else [],
     }
-    _write_run(work, cfg, model, fit_data, popularity, update_interval, summary)
+    if selection is not None:
+        summary["early_stopping"] = {
+            **selection.stopper.summary(), "max_epochs": cfg.epochs, "epochs_trained": len(selection.timer.epochs),
+            "selection_train_seconds": selection.seconds,
+            "retrained_epochs": run.cfg.epochs if run is not selection else None,
+        }
+    _write_run(work, run.cfg, model, fit_data, popularity, update_interval, summary)
     summary["wall_seconds"] = time.time() - start
     (work / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
     if cfg.verbose:
@@ -437,6 +542,8 @@ def _write_run(out: Path, cfg: TrainConfig, model: Recommender, fit_data, popula
         "batch_size": cfg.batch_size,
         "lr": cfg.lr,
         "update_interval": update_interval,
+        "schedule_epochs": cfg.schedule_epochs or cfg.epochs,
+        "early_stopping": cfg.early_stopping,
         "initial_update_ratio": cfg.initial_update_ratio,
         "decay": cfg.decay,
         "storage": cfg.storage if isinstance(METHODS[cfg.method], DynamicSparse) else "dense",
@@ -480,8 +587,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="dsl", choices=list(METHODS), help="sparsification method")
     p.add_argument("--storage", default="compact", choices=STORAGES,
                    help="DSL/RP/SET tables: compact (only active entries stored and trained) or dense (table + mask)")
-    p.add_argument("--growth-scores", default="dense", choices=["dense", "window"],
-                   help="compact DSL growth scores: exact over the table, or over the last looked-up rows only")
+    p.add_argument("--growth-scores", default="dense", choices=list(GROWTH_SCORES),
+                   help="compact DSL growth scores: exact over the table (4 bytes per entry), int8 (1 byte per "
+                        "entry), or over the last looked-up rows only")
     p.add_argument("--optimizer", default="adam", choices=list(OPTIMIZERS),
                    help="every method: Keras adam, or lazy_adam (O(batch) steps on embedding rows; "
                         "lower Recall at the same lr so far)")
@@ -498,6 +606,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=int, default=0, help="evaluate every N epochs (0: only at the end)")
     p.add_argument("--protocol", default="test", choices=["test", "valid"],
                    help="test: fit train+valid, evaluate test; valid: fit train, evaluate valid")
+    p.add_argument("--early-stopping", action="store_true",
+                   help="choose the epoch count on valid (at most --epochs); with --protocol test, then refit on "
+                        "train+valid for that many epochs and evaluate on test")
+    p.add_argument("--es-every", type=int, default=1, help="early stopping: evaluate valid Recall@20 every N epochs")
+    p.add_argument("--es-patience", type=int, default=5,
+                   help="early stopping: evaluations without improvement before stopping")
+    p.add_argument("--es-min-delta", type=float, default=0.0, help="early stopping: smallest improvement counted")
+    p.add_argument("--schedule-epochs", type=int, default=None,
+                   help="epochs the sparsity schedules (DSL end_step and ΔT, GMP, OMP) are planned over "
+                        "(default: --epochs)")
     p.add_argument("--hparam", action="append", default=[], metavar="KEY=VALUE",
                    help="backbone hyper-parameter, e.g. temperature=0.05 (repeatable)")
     p.add_argument("--omp-dense-fraction", type=float, default=0.5, help="OMP: fraction of epochs trained dense")
