@@ -434,7 +434,8 @@ class CompactMaskedEmbedding(MaskedEmbedding):
             lo, hi = r0 * dim, r1 * dim
             v0, v1, local = self.chunk_positions(r0, r1)
             kept = tf.zeros([v1 - v0], tf.bool) if keep is None else tf.convert_to_tensor(keep[v0:v1])
-            mine = [tf.boolean_mask(g, (g >= lo) & (g < hi)) - lo for g, (a, b) in zip(grown, bounds) if a < hi and b >= lo]
+            mine = [tf.boolean_mask(g, (g >= lo) & (g < hi)) - lo
+                    for g, (first, last) in zip(grown, bounds) if first < hi and last >= lo]
             source, col, length, again = _chunk_layout(
                 local, kept, tf.concat([tf.zeros([0], tf.int64)] + mine, 0),
                 *(tf.constant(n, tf.int64) for n in (v0, r1 - r0, dim)), self.col_ids.dtype)

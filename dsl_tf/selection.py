@@ -1,9 +1,11 @@
 """Prune / grow selection: the one place that ranks weights.
 
 All functions work on flat 1-D tensors of a table (or of several tables concatenated,
-for a global budget) and are vectorised TF ops: they are meant to run only at an
-exploration step. Ties at the selection boundary are broken uniformly at random (stateless, from
-``seed``); distinct values are ranked exactly.
+for a global budget), or on a compact table by row chunks (:func:`compact_prune_and_grow`),
+and are vectorised TF ops: they are meant to run only at an exploration step. Ranking is a
+radix select over chunks of at most :data:`CHUNK` entries (:func:`top_k_chunks`), so memory
+is O(chunk) beyond what is selected. Ties at the selection boundary are broken uniformly at
+random (stateless, from ``seed``); distinct values are ranked exactly.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ _NEG_INF = float("-inf")
 
 
 CHUNK = 1 << 24
-"""Entries per chunk of :func:`random_positions`: memory stays O(chunk + count)."""
+"""Entries per chunk of the ranking, of :func:`random_positions` and of a compact table's
+exploration: their temporaries stay O(chunk) beyond their inputs and outputs."""
 
 
 def random_positions(size: int, count: int, seed: tuple[int, int], chunked: bool = False
@@ -115,7 +118,8 @@ def top_k_chunks(chunks: Callable[[], Iterable[tf.Tensor]], k: int, seed) -> Ite
     not depend on how the keys are cut into chunks. Keys are float (NaN-free) or int32.
     Counts are int64 (no 2^31 limit).
 
-    >>> [i.numpy().tolist() for i in top_k_chunks(lambda: iter([tf.constant([1.0, 9.0]), tf.constant([5.0])]), 2, (0, 0))]
+    >>> chunks = lambda: iter([tf.constant([1.0, 9.0]), tf.constant([5.0])])
+    >>> [i.numpy().tolist() for i in top_k_chunks(chunks, 2, (0, 0))]
     [[1], [0]]
     """
     k = int(k)
@@ -352,13 +356,16 @@ def compact_prune_and_grow(
                 taken = scatter_flags((r1 - r0) * dim, occupied(r0, r1))
                 yield tf.where(taken, _NEG_INF, tf.abs(tf.reshape(read(r0, r1), [-1])))
 
-        return keep, [idx + r0 * dim for (r0, _), idx in zip(chunks, top_k_chunks(keys, num_update, seed + [2, 0]))]
+        picked = top_k_chunks(keys, num_update, seed + [2, 0])
+        return keep, [idx + r0 * dim for (r0, _), idx in zip(chunks, picked)]
     grown = tf.zeros([0], tf.int64)
     if growth == "window":
         candidates, candidate_scores = layer.window_scores()
         free = tf.ones_like(candidates, tf.bool)
         for r0, r1 in chunks:
             inside = (candidates >= r0 * dim) & (candidates < r1 * dim)
+            if not bool(tf.reduce_any(inside)):
+                continue
             taken = PositionBitmap((r1 - r0) * dim, occupied(r0, r1)).contains(
                 tf.where(inside, candidates - r0 * dim, 0))
             free = free & ~(inside & taken)
@@ -371,10 +378,12 @@ def compact_prune_and_grow(
         v0, v1 = layer.value_range(r0, r1)
         held = v1 - v0 if exclude_pruned else int(tf.math.count_nonzero(keep[v0:v1], dtype=tf.int64))
         free_counts.append((r1 - r0) * dim - held - int(tf.size(mine)))
-    for c, ((r0, r1), mine, quota) in enumerate(zip(chunks, in_chunk, quotas(free_counts, num_update - int(tf.size(grown))))):
+    shares = quotas(free_counts, num_update - int(tf.size(grown)))
+    for c, ((r0, r1), mine, quota) in enumerate(zip(chunks, in_chunk, shares)):
         if quota:
             taken = tf.concat([occupied(r0, r1), mine], 0)
-            grown_chunks.append(random_free_positions((r1 - r0) * dim, taken, quota, _fold(seed + [3, 0], c)) + r0 * dim)
+            drawn = random_free_positions((r1 - r0) * dim, taken, quota, _fold(seed + [3, 0], c))
+            grown_chunks.append(drawn + r0 * dim)
     return keep, grown_chunks
 
 
