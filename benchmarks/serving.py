@@ -10,9 +10,10 @@ Models (``--backbone``), random tables with exact-budget random masks at each sp
 Variants, exported with ``export.export_model``:
 
 * ``dense``             dense float32 tables (the baseline every ratio is against);
-* ``compact``           compact float32, the default: retrieval multiplies straight from the
-                        compact item table (``item_matrix="sparse"``), no dense item matrix;
-* ``compact-cache``     compact float32, dense item matrix built once at load;
+* ``compact``           compact float32, the default: a dense float32 item matrix built once at
+                        load from the compact item table (``item_matrix="cache"``);
+* ``compact-sparse``    compact float32, retrieval multiplies straight from the compact item
+                        table (``item_matrix="sparse"``), no dense item matrix;
 * ``compact-rebuild``   compact float32, dense item matrix built on every request;
 * ``compact-f16``       compact float16 values, default scoring.
 
@@ -61,7 +62,7 @@ from export.servable import SessionServable, export_model  # noqa: E402
 VARIANTS = {
     "dense": dict(fmt="dense"),
     "compact": dict(fmt="compact"),
-    "compact-cache": dict(fmt="compact", item_matrix="cache"),
+    "compact-sparse": dict(fmt="compact", item_matrix="sparse"),
     "compact-rebuild": dict(fmt="compact", item_matrix="rebuild"),
     "compact-f16": dict(fmt="compact", values="float16"),
 }

@@ -45,7 +45,7 @@ class NeuMFServable(Servable):
     kind = "neumf"
     signature_names = ("serving_default", "score")
 
-    def __init__(self, model, *, fmt="compact", values="float32", item_matrix="sparse", k=20,
+    def __init__(self, model, *, fmt="compact", values="float32", item_matrix="cache", k=20,
                  item_popularity=None, user_ids=None, item_ids=None, seen=None, interactions=None):
         del interactions  # not needed
         scoring = "cache" if item_matrix == "cache" else "rebuild"  # every item's rows: decoded, never sparse
@@ -106,7 +106,7 @@ class AutoencoderServable(Servable):
 
     signature_names = ("serving_default",)
 
-    def __init__(self, model, *, fmt="compact", values="float32", item_matrix="sparse", k=20,
+    def __init__(self, model, *, fmt="compact", values="float32", item_matrix="cache", k=20,
                  item_popularity=None, user_ids=None, item_ids=None, seen=None, interactions=None):
         self.cdae = hasattr(model, "user_table")
         names = ["item_input", "item_output"] + (["user_table"] if self.cdae else [])

@@ -281,7 +281,7 @@ class RetrievalServable(Servable):
     kind = "retrieval"
     signature_names = RETRIEVAL_SIGNATURES
 
-    def __init__(self, model, *, fmt="compact", values="float32", item_matrix="sparse", k=20,
+    def __init__(self, model, *, fmt="compact", values="float32", item_matrix="cache", k=20,
                  item_popularity=None, user_ids=None, item_ids=None, seen=None, interactions=None):
         graph = getattr(model, "user_tower", None) is None
         if graph:

@@ -167,7 +167,7 @@ def export_model(
     version: int | None = None,
     fmt: str = "compact",
     values: str = "float32",
-    item_matrix: str = "sparse",
+    item_matrix: str = "cache",
     k: int = 20,
     overwrite: bool = False,
     item_popularity: np.ndarray | None = None,

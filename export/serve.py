@@ -40,7 +40,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=FORMATS, default="compact",
                    help="compact: tables stored as bitmask + packed values (default); dense: baseline")
     p.add_argument("--values", choices=VALUES, default="float32", help="stored value type (default float32)")
-    p.add_argument("--item-matrix", choices=ITEM_MATRIX, default="sparse",
+    p.add_argument("--item-matrix", choices=ITEM_MATRIX, default="cache",
                    help="compact only, scoring every item: 'sparse' multiplies straight from the compact item "
                         "table (no dense item matrix; default); 'cache' builds the dense item matrix once at "
                         "load (dense memory); 'rebuild' builds it on every request (slow)")

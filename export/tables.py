@@ -9,11 +9,13 @@
 ``lookup(ids)`` rebuilds only the requested rows. ``scores(x) = x · tableᵀ`` (``[B, rows]``,
 every row scored: retrieval, autoencoder output layers) depends on ``scoring`` (compact only):
 
-* ``"sparse"`` (default): a sparse × dense product straight from the compact arrays
+* ``"cache"`` (default): the dense float32 table rebuilt once at load (dense memory, dense
+  speed; the fastest and, at Gowalla sizes, also the smallest in process memory: see
+  docs/BENCHMARKS.md);
+* ``"sparse"``: a sparse × dense product straight from the compact arrays
   (``SparseTensorDenseMatMul``); its int32 ``[nnz, 2]`` coordinates are computed once when
   the model is loaded (8 bytes per active entry in memory, never saved): no dense copy of
   the table, at any time;
-* ``"cache"``: the dense float32 table rebuilt once at load (dense memory, dense speed);
 * ``"rebuild"``: the dense table rebuilt on every request (least resident memory, slow).
 
 Load-time tensors are SavedModel resources (:class:`LoadTimeTensor`) initialised by the
@@ -116,7 +118,7 @@ class ServedTable(tf.Module):
     TensorShape([2, 6])
     """
 
-    def __init__(self, layer, fmt: str = "compact", values: str = "float32", scoring: str = "sparse",
+    def __init__(self, layer, fmt: str = "compact", values: str = "float32", scoring: str = "cache",
                  name: str | None = None, transform: Callable[[tf.Tensor], tf.Tensor] | None = None):
         super().__init__(name=name or layer.name)
         if fmt not in FORMATS:

@@ -50,7 +50,7 @@ def exports(trained, serving):
     model, popularity = trained
     variants = {
         "compact": dict(fmt="compact"),
-        "compact_cache": dict(fmt="compact", item_matrix="cache"),
+        "compact_sparse": dict(fmt="compact", item_matrix="sparse"),
         "compact_rebuild": dict(fmt="compact", item_matrix="rebuild"),
         "compact_f16": dict(fmt="compact", values="float16"),
         "dense": dict(fmt="dense"),
@@ -157,7 +157,7 @@ def test_a_py_function_model_is_rejected(tmp_path):
 
 
 # --------------------------------------------------------------------------- (8)
-@pytest.mark.parametrize("variant", ["compact", "compact_cache", "compact_rebuild", "dense"])
+@pytest.mark.parametrize("variant", ["compact", "compact_sparse", "compact_rebuild", "dense"])
 def test_tf1_session_matches_the_keras_towers_float32(trained, exports, variant):
     model, _ = trained
     users = np.arange(model.user_tower.layers[0].input_dim, dtype=np.int64)
@@ -193,7 +193,7 @@ def test_invalid_ids_are_served_not_failed(trained, exports):
     rows = model.user_tower.layers[0].input_dim
     bad = np.array([-1, rows, 2**40], np.int64)
     popular = np.argsort(-popularity, kind="stable")[:K]
-    for variant in ("compact", "compact_cache", "compact_rebuild", "dense"):
+    for variant in ("compact", "compact_sparse", "compact_rebuild", "dense"):
         with SessionServable(exports[variant].path) as s:
             out = s.run("serving_default", user_id=bad)
             assert (out["item_ids"] == popular).all() and (out["scores"] == 0).all()
@@ -349,9 +349,9 @@ def test_saved_model_cli_executable_shows_and_runs(exports):
         assert "signature_def['serving_default']" in out["show"] and "Result for output key scores" in out["run"]
 
 
-def test_default_retrieval_keeps_no_dense_item_matrix(trained, exports):
-    """Issue 13: the default compact servable scores straight from the compact item table: its
-    graph holds no float32 [num_items, d] variable or load-time tensor (the cache variant does)."""
+def test_sparse_retrieval_keeps_no_dense_item_matrix(trained, exports):
+    """Issue 13: ``item_matrix="sparse"`` scores straight from the compact item table: its graph
+    holds no float32 [num_items, d] variable or load-time tensor (the default, ``cache``, does)."""
     model, _ = trained
     items, dim = model.item_tower.layers[0].input_dim, model.item_tower.layers[0].output_dim
 
@@ -365,7 +365,7 @@ def test_default_retrieval_keeps_no_dense_item_matrix(trained, exports):
                         found.append(node.name)
         return found
 
-    assert exports["compact"].item_matrix == "sparse"
-    assert not dense_item_matrices(exports["compact"].path)
-    assert "SparseTensorDenseMatMul" in sv.graph_ops(exports["compact"].path)
-    assert dense_item_matrices(exports["compact_cache"].path)  # the option that does build one
+    assert exports["compact_sparse"].item_matrix == "sparse" and exports["compact"].item_matrix == "cache"
+    assert not dense_item_matrices(exports["compact_sparse"].path)
+    assert "SparseTensorDenseMatMul" in sv.graph_ops(exports["compact_sparse"].path)
+    assert dense_item_matrices(exports["compact"].path)  # the default builds one at load

@@ -22,9 +22,9 @@ def test_quick_serving_benchmark_measures_and_resumes(tmp_path, capsys):
     assert [r["variant"] for r in saved["rows"]] == [r["variant"] for r in first["rows"]]
     # resume: only the missing variant is measured, the others are kept as they were
     second = serving.main(["--quick", "--json", str(results), "--out", str(out),
-                           "--variants", "dense", "compact", "compact-cache"])
+                           "--variants", "dense", "compact", "compact-sparse"])
     assert [r["variant"] for r in second["rows"]][:2] == [r["variant"] for r in first["rows"]]
     assert second["rows"][0]["p50_b1_ms"] == first["rows"][0]["p50_b1_ms"]
-    assert [r["variant"] for r in second["rows"]][2:] == ["compact-cache"]
+    assert [r["variant"] for r in second["rows"]][2:] == ["compact-sparse"]
     printed = capsys.readouterr().out
-    assert "compact-cache" in printed and "/dense" in printed
+    assert "compact-sparse" in printed and "/dense" in printed
