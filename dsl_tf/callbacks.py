@@ -188,8 +188,11 @@ class DynamicSparsity(tf.keras.callbacks.Callback):
             if not layer.built:
                 layer.build(None)
         self._layers = layers
-        if any([layer.unscale_scores_by(self.model.optimizer) for layer in layers]):
-            self.model.make_train_function(force=True)  # the loss scale is read when tracing
+        dense = _steps_touch_whole_variable(self.model.optimizer)
+        retrace = any([layer.unscale_scores_by(self.model.optimizer) for layer in layers])
+        retrace = any([layer.use_dense_gradients(dense) for layer in layers if masks.is_compact(layer)]) or retrace
+        if retrace:
+            self.model.make_train_function(force=True)  # the loss scale and gradient density are read when tracing
         if self.end_step is None:
             self._fit_epochs_and_steps()  # fail now if end_step cannot be inferred
         self._end_step, self._epoch = None, 0
@@ -437,6 +440,15 @@ class DynamicSparsity(tf.keras.callbacks.Callback):
                 raise ValueError(
                     f"growth={self.growth!r} needs growth_scores in {needs}, but {layer.name!r} was built "
                     f"with growth_scores={layer.growth_scores_mode!r}")
+
+
+def _steps_touch_whole_variable(optimizer) -> bool:
+    """Whether every optimizer owning slots is Keras Adam (not a lazy one): its step on an
+    ``IndexedSlices`` gradient decays every moment, so a dense gradient costs it nothing more
+    (see :meth:`dsl_tf.CompactMaskedEmbedding.use_dense_gradients`)."""
+    adam = (tf.keras.optimizers.Adam, tf.keras.optimizers.legacy.Adam)
+    return all(isinstance(leaf, adam) and not getattr(leaf, "lazy", False)
+               for leaf in masks.leaf_optimizers(optimizer))
 
 
 def _check_sparsity(value, name: str) -> float:

@@ -71,6 +71,10 @@ class LazyAdam(tf.keras.optimizers.Adam):
         ``jit_compile``, ...).
     """
 
+    lazy = True
+    """Its ``IndexedSlices`` step touches only the gradient's entries (read by
+    :class:`dsl_tf.DynamicSparsity` to keep compact tables' gradients sparse)."""
+
     def __init__(
         self,
         learning_rate: float | tf.keras.optimizers.schedules.LearningRateSchedule = 0.001,

@@ -233,3 +233,27 @@ def test_int8_scores_rank_like_the_exact_ones_in_a_byte_per_entry():
     assert sum(v.shape.num_elements() * v.dtype.size for v in (cheap.score_q, cheap.score_scale)) == rows * (dim + 4)
     cheap.reset_scores(0.5)
     np.testing.assert_allclose(cheap.score_reader()(0, rows).numpy(), got * 0.5, rtol=1e-6)
+
+
+@pytest.mark.parametrize("make_optimizer, dense", [
+    (lambda: tf.keras.optimizers.Adam(0.01), True),
+    (lambda: dsl_tf.LazyAdam(0.01), False),
+    (lambda: tf.keras.optimizers.SGD(0.1), False),
+])
+def test_value_gradients_are_dense_only_for_optimizers_that_update_the_whole_variable(make_optimizer, dense):
+    """Keras Adam decays every moment on every step: the callback gives it a dense [budget] gradient
+    (no unique/scatter-add sparse path); LazyAdam and SGD keep O(batch) IndexedSlices."""
+    x, y = _data()
+    model = _model(CompactMaskedEmbedding, sparsity=0.5, optimizer=make_optimizer())
+    model.fit(x, y, batch_size=20, epochs=1, verbose=0,
+              callbacks=[DynamicSparsity(0.5, update_interval=1000, end_step=10**6)])
+    table = model.layers[0]
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(table(tf.constant([[1, 2]])))
+    grad = tape.gradient(loss, table.values)
+    assert isinstance(grad, tf.IndexedSlices) is not dense
+    looked_up = int(table.row_splits[3] - table.row_splits[1])  # the entries of rows 1 and 2
+    if dense:
+        assert grad.shape == [table.budget] and int(tf.math.count_nonzero(grad)) == looked_up
+    else:
+        assert sorted(grad.indices.numpy().tolist()) == list(range(int(table.row_splits[1]), int(table.row_splits[3])))
