@@ -354,7 +354,8 @@ class CompactMaskedEmbedding(MaskedEmbedding):
             return
         if self.growth_scores_mode == "int8":  # O(batch · dim): the looked-up rows only
             rows, at = tf.unique(tf.cast(flat_ids, tf.int64))
-            sums = self.score_rows_of(rows) + tf.math.unsorted_segment_sum(flat_dy, at, tf.size(rows))
+            old = _dequantized(tf.gather(self.score_q, rows), tf.gather(self.score_scale, rows))
+            sums = old + tf.math.unsorted_segment_sum(flat_dy, at, tf.size(rows))
             scale = tf.reduce_max(tf.abs(sums), axis=1) / 127.0
             q = tf.round(tf.math.divide_no_nan(sums, scale[:, None]))
             self.score_q.scatter_update(tf.IndexedSlices(tf.cast(q, tf.int8), rows))
@@ -367,18 +368,11 @@ class CompactMaskedEmbedding(MaskedEmbedding):
         self.score_grads.scatter_update(tf.IndexedSlices(flat_dy, slots))
         self.score_count.assign_add(tf.size(flat_ids, out_type=tf.int64))
 
-    def score_rows_of(self, rows: tf.Tensor) -> tf.Tensor:
-        """float32 ``[len(rows), dim]``: the accumulated scores of ``rows``
-        (``growth_scores`` ``"dense"`` or ``"int8"``)."""
-        if self.growth_scores_mode == "int8":
-            return tf.cast(tf.gather(self.score_q, rows), tf.float32) * tf.gather(self.score_scale, rows)[:, None]
-        return tf.gather(tf.convert_to_tensor(self.growth_scores), rows)
-
     def score_reader(self):
         """``read(r0, r1)`` -> float32 ``[r1 − r0, dim]``: the accumulated scores of rows
         ``[r0, r1)``, for an exploration (``growth_scores`` ``"dense"`` or ``"int8"``)."""
         if self.growth_scores_mode == "int8":
-            return lambda r0, r1: tf.cast(self.score_q[r0:r1], tf.float32) * self.score_scale[r0:r1][:, None]
+            return lambda r0, r1: _dequantized(self.score_q[r0:r1], self.score_scale[r0:r1])
         scores = tf.convert_to_tensor(self.growth_scores)  # summed over replicas, once
         return lambda r0, r1: scores[r0:r1]
 
@@ -483,15 +477,12 @@ class CompactMaskedEmbedding(MaskedEmbedding):
 
 
 class PositionBitmap:
-    """A set of distinct flat positions in ``[0, size)`` as a bitmap of int64 words, with the
-    rank (number of members below a position) in O(1) per query: ``size / 8`` bytes plus
-    one int64 prefix count per 64 entries. Makes compact layouts without sorting.
+    """A set of distinct flat positions in ``[0, size)`` as a bitmap of int64 words
+    (``size / 8`` bytes), for O(1) membership queries without sorting.
 
     >>> bitmap = PositionBitmap(200, tf.constant([3, 64, 150], tf.int64))
     >>> bitmap.contains(tf.constant([3, 4, 150], tf.int64)).numpy().tolist()
     [True, False, True]
-    >>> bitmap.rank(tf.constant([0, 4, 64, 65, 200], tf.int64)).numpy().tolist()
-    [0, 1, 1, 2, 3]
     """
 
     def __init__(self, size: int | tf.Tensor, positions: tf.Tensor):
@@ -500,21 +491,15 @@ class PositionBitmap:
         bits = tf.bitwise.left_shift(tf.ones_like(positions), positions % 64)
         # distinct positions set distinct bits: adding them is OR (no carries)
         self.words = tf.math.unsorted_segment_sum(bits, positions // 64, words + 1)
-        counts = tf.cast(tf.raw_ops.PopulationCount(x=self.words), tf.int64)
-        self.before = tf.cumsum(counts, exclusive=True)
 
     def contains(self, queries: tf.Tensor) -> tf.Tensor:
         queries = tf.cast(queries, tf.int64)
         word = tf.gather(self.words, queries // 64)
         return tf.bitwise.bitwise_and(tf.bitwise.right_shift(word, queries % 64), 1) == 1
 
-    def rank(self, queries: tf.Tensor) -> tf.Tensor:
-        """How many members are smaller than each query (the query's index in sorted order)."""
-        queries = tf.cast(queries, tf.int64)
-        word = tf.gather(self.words, queries // 64)
-        below = tf.bitwise.invert(tf.bitwise.left_shift(tf.constant(-1, tf.int64), queries % 64))
-        inside = tf.raw_ops.PopulationCount(x=tf.bitwise.bitwise_and(word, below))
-        return tf.gather(self.before, queries // 64) + tf.cast(inside, tf.int64)
+def _dequantized(q: tf.Tensor, scale: tf.Tensor) -> tf.Tensor:
+    """int8 growth scores ``[n, dim]`` times their rows' scales ``[n]``, as float32."""
+    return tf.cast(q, tf.float32) * scale[:, None]
 
 
 @tf.custom_gradient
