@@ -73,7 +73,7 @@ def _sweep(out: Path, interval: int, ratio: float, verbose: int, method: str = "
     name = f"dt{interval}_rho{ratio:g}" if method == "dsl" else method
     cfg = TrainConfig(model="two_tower", dataset="synthetic", method=method, sparsity=0.8, update_interval=interval,
                       initial_update_ratio=ratio, protocol="valid", verbose=verbose, out=str(out / name))
-    summary = train_or_reuse(cfg, match=("update_interval", "initial_update_ratio"))
+    summary = train_or_reuse(cfg)
     return summary["metrics"]["recall@20"]
 
 

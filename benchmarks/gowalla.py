@@ -8,16 +8,28 @@ benchmark resumes where it stopped. After every run the results table is rewritt
 ``--json`` (rows: model, method, sparsity, metrics, retention = recall / dense recall,
 training / inference MACs relative to dense, seconds).
 
+Converged grid (``--select-epochs``): the dense model is trained first with early stopping
+on valid (``trainers/train.py --early-stopping``: fit train, Recall@20 on valid every
+``--es-every`` epochs, at most ``--epochs``, best epoch E*), then refit on train+valid for E*
+epochs and evaluated on test; every sparse method then trains exactly E* epochs on
+train+valid with the same settings (its schedules planned over those E* epochs) and is
+evaluated once on test. Test is never read while choosing E*.
+
 Usage::
 
     python benchmarks/gowalla.py --models two_tower mf_bpr --epochs two_tower=4 mf_bpr=10 \\
         --lr mf_bpr=0.01 \\
         --sparsities 0.8 0.5 0.9 --out runs/bench --json docs/results/gowalla.json
+    python benchmarks/gowalla.py --models mf_bpr --select-epochs --epochs 100 --batch-size 8192 \\
+        --lr 0.003 --hparam mf_bpr:l2=1e-4 --methods dsl rp set gmp omp --out runs/converged \\
+        --json docs/results/gowalla_converged_mf_bpr.json
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import json
 import sys
 import time
@@ -36,20 +48,21 @@ def _run_dir(out: Path, model: str, method: str, sparsity: float) -> Path:
     return out / (f"{model}_dense" if method == "dense" else f"{model}_{method}_s{sparsity:g}")
 
 
-def train_or_reuse(cfg: TrainConfig, match: tuple[str, ...] = ()) -> dict:
-    """Train ``cfg`` unless its run directory already holds a finished, identical run
-    (same model, method, dataset, epochs, lr, seed, sparsity and ``match`` fields)."""
+def train_or_reuse(cfg: TrainConfig) -> dict:
+    """Train ``cfg`` unless its run directory already holds a finished run of the same
+    configuration (every ``TrainConfig`` field but ``out``/``overwrite``/``verbose``, kept by
+    this benchmark in ``bench_config.json`` beside the run's ``summary.json``)."""
     cfg = cfg.resolved()
     run = Path(cfg.out)
-    done = run / "summary.json"
-    if done.exists():
-        config = json.loads((run / "config.json").read_text())
-        same = all(config.get(k) == getattr(cfg, k) for k in ("model", "method", "dataset", "epochs", "lr", "seed", *match))
-        if same and (cfg.method == "dense" or config.get("sparsity") == cfg.sparsity):
-            print(f"[bench] reusing {run}", flush=True)
-            return json.loads(done.read_text())
+    key = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out", "overwrite", "verbose")}
+    marker = run / "bench_config.json"
+    if (run / "summary.json").exists() and marker.exists() and json.loads(marker.read_text()) == key:
+        print(f"[bench] reusing {run}", flush=True)
+        return json.loads((run / "summary.json").read_text())
     cfg.overwrite = True
-    return run_training(cfg)[1]
+    summary = run_training(cfg)[1]
+    marker.write_text(json.dumps(key, indent=2))
+    return summary
 
 
 def _row(summary: dict, dense: dict, run: Path) -> dict:
@@ -64,6 +77,7 @@ def _row(summary: dict, dense: dict, run: Path) -> dict:
         "training_macs_vs_dense": summary["training_macs"] / dense["training_macs"],
         "inference_macs_vs_dense": summary["inference_macs"] / dense["inference_macs"],
         "train_seconds": summary["train_seconds"],
+        "epochs": len(summary["time"]["epochs"]),
         "steps": summary["steps"],
         "run": str(run),
     }
@@ -99,26 +113,48 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    help="epochs for all models (N) or per model (MODEL=N); default: the model's")
     p.add_argument("--lr", nargs="*", default=[], metavar="[MODEL=]LR",
                    help="Adam learning rate for all models or per model; default: the model's")
+    p.add_argument("--batch-size", nargs="*", default=[], metavar="[MODEL=]N",
+                   help="batch size for all models or per model; default: the model's")
+    p.add_argument("--hparam", nargs="*", default=[], metavar="MODEL:KEY=VALUE",
+                   help="backbone hyper-parameter of one model, e.g. mf_bpr:l2=1e-3")
+    p.add_argument("--select-epochs", action="store_true",
+                   help="choose the epoch count by the dense model's early stopping on valid (--epochs is its "
+                        "budget), then train every method for that many epochs")
+    p.add_argument("--es-every", type=int, default=2, help="--select-epochs: evaluate valid every N epochs")
+    p.add_argument("--es-patience", type=int, default=3, help="--select-epochs: evaluations without improvement")
     p.add_argument("--dataset", default="gowalla")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/bench", help="parent of the run directories")
     p.add_argument("--json", default="docs/results/gowalla.json", help="results table (rewritten after each run)")
     p.add_argument("--verbose", type=int, default=2, choices=[0, 1, 2])
     args = p.parse_args(argv)
-    epochs, lrs = _per_model(args.epochs), _per_model(args.lr, float)
+    epochs, lrs, batches = _per_model(args.epochs), _per_model(args.lr, float), _per_model(args.batch_size)
+    hparams: dict[str, dict] = {}
+    for item in args.hparam:
+        model, sep, assignment = item.partition(":")
+        key, eq, value = assignment.partition("=")
+        if not (sep and eq):
+            raise SystemExit(f"--hparam expects MODEL:KEY=VALUE, got {item!r}")
+        hparams.setdefault(model, {})[key] = json.loads(value) if value[:1].isdigit() or value[:1] in "-[{" else value
     out, table = Path(args.out), Path(args.json)
     table.parent.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     start = time.time()
     for model in args.models:
-        def config(method: str, sparsity: float) -> TrainConfig:
-            return TrainConfig(model=model, dataset=args.dataset, method=method, sparsity=sparsity,
-                               epochs=epochs.get(model, epochs.get("*")),
-                               lr=lrs.get(model, lrs.get("*")), seed=args.seed, verbose=args.verbose,
-                               out=str(_run_dir(out, model, method, sparsity)))
+        def config(method: str, sparsity: float, **changes) -> TrainConfig:
+            options = dict(model=model, dataset=args.dataset, method=method, sparsity=sparsity,
+                           epochs=epochs.get(model, epochs.get("*")), batch_size=batches.get(model, batches.get("*")),
+                           lr=lrs.get(model, lrs.get("*")), hparams=hparams.get(model, {}), seed=args.seed,
+                           verbose=args.verbose, out=str(_run_dir(out, model, method, sparsity)))
+            return TrainConfig(**{**options, **changes})
 
-        dense_cfg = config("dense", 0.8)
+        selection = dict(early_stopping=True, es_every=args.es_every, es_patience=args.es_patience)
+        dense_cfg = config("dense", 0.8, **(selection if args.select_epochs else {}))
         dense = train_or_reuse(dense_cfg)
+        if args.select_epochs:  # every method gets the dense model's chosen length
+            chosen = dense["early_stopping"]["best_epoch"]
+            print(f"[bench] {model}: dense early stopping chose {chosen} epochs", flush=True)
+            config = functools.partial(config, epochs=chosen)
         rows.append(_row(dense, dense, Path(dense_cfg.out)))
         for sparsity in args.sparsities:
             for method in args.methods:

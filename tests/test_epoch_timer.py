@@ -44,3 +44,17 @@ def test_epoch_records_steps_the_largest_gap_and_the_time_after_its_last_step(mo
     assert epoch["wall_seconds"] == pytest.approx(0.5 + 3.0 + 3.3)
     row = train.time_breakdown(timer.epochs, [])["epochs"][0]
     assert row["other_seconds"] == pytest.approx(3.8)
+
+
+def test_breakdown_separates_evaluations_and_explorations_from_the_rest():
+    epochs = [{"epoch": 0, "first_step": 0, "steps": 10, "step_seconds": 5.0, "wall_seconds": 9.0},
+              {"epoch": 1, "first_step": 10, "steps": 10, "step_seconds": 5.0, "wall_seconds": 6.5}]
+    explorations = [{"dsl_step": 10, "dsl_seconds": 1.0}, {"dsl_step": 15, "dsl_seconds": 0.5}]
+    timing = train.time_breakdown(epochs, explorations, {0: 2.5})
+    first, second = timing["epochs"]
+    assert (first["exploration_seconds"], first["evaluation_seconds"]) == (1.0, 2.5)
+    assert first["other_seconds"] == pytest.approx(0.5)
+    assert (second["exploration_seconds"], second["evaluation_seconds"]) == (0.5, 0.0)
+    assert second["other_seconds"] == pytest.approx(1.0)
+    # (wall - evaluations) / (steps + explorations) = (15.5 - 2.5) / (10 + 1.5)
+    assert timing["total"]["wall_over_steps"] == pytest.approx(13.0 / 11.5)

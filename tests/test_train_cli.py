@@ -101,7 +101,7 @@ def test_load_run_rejects_incomplete_dir(tmp_path):
 @pytest.fixture(scope="module")
 def method_runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("methods")
-    return {method: run_training(_config(tmp, method)) for method in METHODS}
+    return {method: run_training(_config(tmp, method, eval_every=2)) for method in METHODS}
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -252,7 +252,7 @@ def test_every_flag_reaches_the_config():
 
 
 def test_summary_breaks_every_epoch_down(method_runs):
-    """Issue 15: each epoch's wall time = steps + explorations + other, recorded per run."""
+    """Issue 15: each epoch's wall time = steps + explorations + evaluation + other, recorded per run."""
     for method in ("dense", "dsl", "omp"):
         summary = method_runs[method][1]
         epochs, total = summary["time"]["epochs"], summary["time"]["total"]
@@ -260,7 +260,9 @@ def test_summary_breaks_every_epoch_down(method_runs):
         assert sum(e["steps"] for e in epochs) == summary["steps"]
         for e in epochs:
             assert 0 < e["step_seconds"] < e["wall_seconds"]
-            assert e["other_seconds"] == pytest.approx(e["wall_seconds"] - e["step_seconds"] - e["exploration_seconds"])
+            assert e["other_seconds"] == pytest.approx(
+                e["wall_seconds"] - e["step_seconds"] - e["exploration_seconds"] - e["evaluation_seconds"])
+            assert (e["evaluation_seconds"] > 0) == (e["epoch"] % 2 == 1)  # --eval-every 2
         explored = sum(x["dsl_seconds"] for x in summary["explorations"])
         assert total["exploration_seconds"] == pytest.approx(explored)
         assert (explored > 0) == (method == "dsl")

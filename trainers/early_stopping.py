@@ -43,6 +43,7 @@ the sparsity schedules follow the chosen length (the rule)::
 
 from __future__ import annotations
 
+import time
 from typing import Callable
 
 import numpy as np
@@ -97,6 +98,7 @@ class ValidationEarlyStopping(tf.keras.callbacks.Callback):
         self.every_n_epochs, self.patience, self.min_delta = int(every_n_epochs), int(patience), float(min_delta)
         self.start_epoch = int(start_epoch)
         self.curve: list[dict] = []
+        self.seconds: dict[int, float] = {}  # epoch (0-based) -> wall seconds of its evaluation
         self.best_epoch: int | None = None
         self.best_metrics: dict | None = None
         self.stopped_epoch: int | None = None
@@ -107,7 +109,9 @@ class ValidationEarlyStopping(tf.keras.callbacks.Callback):
         done = epoch + 1
         if done % self.every_n_epochs and done != self.params.get("epochs"):
             return
+        start = time.perf_counter()
         metrics = self.evaluate(self.model)
+        self.seconds[epoch] = time.perf_counter() - start
         if self.monitor not in metrics:
             raise KeyError(f"evaluation returned {sorted(metrics)}, no {self.monitor!r} to monitor")
         eligible = done >= self.start_epoch

@@ -23,6 +23,7 @@ user's training items excluded, and the metrics are averaged over those users:
 from __future__ import annotations
 
 import inspect
+import time
 from typing import Callable, Sequence, Union
 
 import numpy as np
@@ -358,6 +359,7 @@ class RankingEvaluation(tf.keras.callbacks.Callback):
         self.log_dir = log_dir
         self.eval_kwargs = eval_kwargs
         self.results: list[tuple[int, dict[str, float]]] = []
+        self.seconds: dict[int, float] = {}  # epoch (0-based) -> wall seconds of its evaluation
         self._writer = None
 
     def evaluate(self) -> dict[str, float]:
@@ -369,7 +371,9 @@ class RankingEvaluation(tf.keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if (epoch + 1) % self.every_n_epochs:
             return
+        start = time.perf_counter()
         metrics = self.evaluate()
+        self.seconds[epoch] = time.perf_counter() - start
         self.results.append((epoch, metrics))
         if logs is not None:
             logs.update(metrics)

@@ -273,17 +273,24 @@ class EpochTimer(tf.keras.callbacks.Callback):
             self._epoch = None
 
 
-def time_breakdown(epochs: list[dict], explorations: list[dict]) -> dict:
-    """Per epoch and in total: wall = steps + explorations + other (seconds)."""
+def time_breakdown(epochs: list[dict], explorations: list[dict], evaluations: dict[int, float] | None = None) -> dict:
+    """Per epoch and in total: wall = steps + explorations + evaluation + other (seconds).
+
+    ``evaluations`` maps an epoch (0-based) to the seconds its end-of-epoch evaluation took
+    (``RankingEvaluation.seconds``, ``ValidationEarlyStopping.seconds``).
+    """
+    evaluations = evaluations or {}
     rows = []
     for epoch in epochs:
         last = epoch["first_step"] + epoch["steps"]
         explored = sum(e["dsl_seconds"] for e in explorations if epoch["first_step"] < e["dsl_step"] <= last)
-        rows.append({**epoch, "exploration_seconds": explored,
-                     "other_seconds": epoch["wall_seconds"] - epoch["step_seconds"] - explored})
+        evaluated = evaluations.get(epoch["epoch"], 0.0)
+        rows.append({**epoch, "exploration_seconds": explored, "evaluation_seconds": evaluated,
+                     "other_seconds": epoch["wall_seconds"] - epoch["step_seconds"] - explored - evaluated})
     total = {key: sum(r[key] for r in rows) for key in
-             ("wall_seconds", "step_seconds", "exploration_seconds", "other_seconds")}
-    total["wall_over_steps"] = total["wall_seconds"] / max(total["step_seconds"], 1e-9)
+             ("wall_seconds", "step_seconds", "exploration_seconds", "evaluation_seconds", "other_seconds")}
+    total["wall_over_steps"] = ((total["wall_seconds"] - total["evaluation_seconds"])
+                                / max(total["step_seconds"] + total["exploration_seconds"], 1e-9))
     return {"epochs": rows, "total": total}
 
 
@@ -389,6 +396,7 @@ class _Fit:
     update_interval: int
     seconds: float
     stopper: ValidationEarlyStopping | None
+    evaluation_seconds: dict[int, float]
 
 
 def _fit(cfg: TrainConfig, fit_data, eval_csr, tb_dir: Path, select_on=None) -> _Fit:
@@ -410,7 +418,7 @@ def _fit(cfg: TrainConfig, fit_data, eval_csr, tb_dir: Path, select_on=None) -> 
     macs = MacCounter(model.train_cost(cfg.batch_size), examples, steps_per_epoch, method.mask_update_every(ctx))
     timer = EpochTimer()
     callbacks: list = [timer, macs, EpochTensorBoard(str(tb_dir))]
-    stopper = None
+    stopper = evaluator = None
     if select_on is not None:
         start_epoch = method.selectable_from(ctx)
         if start_epoch > cfg.epochs:
@@ -421,12 +429,15 @@ def _fit(cfg: TrainConfig, fit_data, eval_csr, tb_dir: Path, select_on=None) -> 
                                           start_epoch=start_epoch)
         callbacks.append(stopper)
     elif cfg.eval_every:
-        callbacks.append(RankingEvaluation(model.scorer, fit_data.train, eval_csr, every_n_epochs=cfg.eval_every,
-                                           prefix=f"{cfg.protocol}_", log_dir=str(tb_dir / "eval")))
+        evaluator = RankingEvaluation(model.scorer, fit_data.train, eval_csr, every_n_epochs=cfg.eval_every,
+                                      prefix=f"{cfg.protocol}_", log_dir=str(tb_dir / "eval"))
+        callbacks.append(evaluator)
     fit_start = time.time()
     fit = functools.partial(model.fit, x=dataset, verbose=cfg.verbose)
     model, history, sparsity_cb = method.fit(model, ctx, fit, callbacks)
-    return _Fit(cfg, model, history, sparsity_cb, timer, macs, update_interval, time.time() - fit_start, stopper)
+    evaluation_seconds = (stopper or evaluator).seconds if stopper or evaluator else {}
+    return _Fit(cfg, model, history, sparsity_cb, timer, macs, update_interval, time.time() - fit_start, stopper,
+                evaluation_seconds)
 
 
 def _select(cfg: TrainConfig, data, tb_dir: Path) -> _Fit:
@@ -467,7 +478,8 @@ def _train(cfg: TrainConfig, data, start: float, out: Path, work: Path) -> tuple
     model, history, sparsity_cb, macs, update_interval = (run.model, run.history, run.sparsity_cb, run.macs,
                                                            run.update_interval)
     train_seconds = run.seconds
-    timing = time_breakdown(run.timer.epochs, sparsity_cb.explorations if sparsity_cb is not None else [])
+    timing = time_breakdown(run.timer.epochs, sparsity_cb.explorations if sparsity_cb is not None else [],
+                            run.evaluation_seconds)
     eval_start = time.time()
 
     metrics = evaluate_full_ranking(model.scorer(), fit_data.train, eval_csr)
@@ -520,8 +532,9 @@ def _train(cfg: TrainConfig, data, start: float, out: Path, work: Path) -> tuple
               f"density={density:.4f}; {summary['wall_seconds']:.1f}s -> {out}")
         t = timing["total"]
         print(f"[train] time: {len(timing['epochs'])} epochs {t['wall_seconds']:.1f}s = steps {t['step_seconds']:.1f}s "
-              f"+ explorations {t['exploration_seconds']:.1f}s + other {t['other_seconds']:.1f}s "
-              f"(epoch wall / steps {t['wall_over_steps']:.2f}); final evaluation {t['final_evaluation_seconds']:.1f}s")
+              f"+ explorations {t['exploration_seconds']:.1f}s + evaluations {t['evaluation_seconds']:.1f}s "
+              f"+ other {t['other_seconds']:.1f}s (epoch wall without evaluations / steps and explorations "
+              f"{t['wall_over_steps']:.2f}); final evaluation {t['final_evaluation_seconds']:.1f}s")
     return model, summary
 
 
