@@ -222,8 +222,9 @@ def test_wrong_types_are_clear_errors(build, message):
 
 
 # ------------------------------------------------------------------ 5. resume of the shuffled pipeline
-def _two_tower_run(data, backup, interrupt_at=None):
-    """two_tower (deterministic step: in-batch softmax) on make_dataset's shuffled batches."""
+def _two_tower_run(data, backup, interrupt_at=None, repeat=False):
+    """two_tower (deterministic step: in-batch softmax) on make_dataset's shuffled batches
+    (endless with ``repeat``, as ``trainers/train.py`` fits)."""
 
     def build():
         tf.keras.utils.set_random_seed(0)
@@ -231,7 +232,9 @@ def _two_tower_run(data, backup, interrupt_at=None):
         model.attach(data.train)
         model.score_all(np.zeros([1], np.int64))  # create every variable
         model.compile(tf.keras.optimizers.Adam(0.05))
-        return model, model.make_dataset(data, 128, seed=5)
+        return model, model.make_dataset(data, 128, seed=5, repeat=repeat)
+
+    per_epoch = {"steps_per_epoch": int(data.as_dataset(128).cardinality())} if repeat else {}
 
     def callbacks():
         return [tf.keras.callbacks.BackupAndRestore(str(backup)), DynamicSparsity(0.8, update_interval=7, seed=2)]
@@ -247,21 +250,23 @@ def _two_tower_run(data, backup, interrupt_at=None):
                     raise RuntimeError("interrupted")
 
         with pytest.raises(RuntimeError, match="interrupted"):
-            model.fit(ds, epochs=4, verbose=0, callbacks=callbacks() + [Interrupt()])
+            model.fit(ds, epochs=4, verbose=0, callbacks=callbacks() + [Interrupt()], **per_epoch)
         model, ds = build()  # a new process: fresh model, fresh dataset object
     class FirstStep(tf.keras.callbacks.Callback):
         def on_train_batch_begin(self, batch, logs=None):
             self.step = getattr(self, "step", int(self.model.optimizer.iterations))
 
     first = FirstStep()
-    model.fit(ds, epochs=4, verbose=0, callbacks=callbacks() + [first])
+    model.fit(ds, epochs=4, verbose=0, callbacks=callbacks() + [first], **per_epoch)
     return {v.name: v.numpy() for v in model.variables}, first.step, int(model.optimizer.iterations)
 
 
-def test_interrupted_resumed_fit_of_the_shuffled_pipeline_is_identical(tmp_path):
+@pytest.mark.parametrize("repeat", [False, True])
+def test_interrupted_resumed_fit_of_the_shuffled_pipeline_is_identical(tmp_path, repeat):
     data = synthetic(num_users=80, num_items=120, mean_interactions=20, seed=0)
-    whole, start, steps = _two_tower_run(data, tmp_path / "a")
-    resumed, start_resumed, steps_resumed = _two_tower_run(data, tmp_path / "b", interrupt_at=(2, 3))  # mid-epoch 2
+    whole, start, steps = _two_tower_run(data, tmp_path / "a", repeat=repeat)
+    resumed, start_resumed, steps_resumed = _two_tower_run(data, tmp_path / "b", interrupt_at=(2, 3),  # mid-epoch 2
+                                                           repeat=repeat)
     per_epoch = int(data.as_dataset(128).cardinality())
     assert (start, start_resumed) == (0, 2 * per_epoch)  # restored at the end of epoch 1
     assert steps == steps_resumed == 4 * per_epoch
@@ -290,3 +295,27 @@ def test_make_dataset_order_is_keyed_by_seed_and_step():
         expected = data.train_pairs()[0] if name == "two_tower" else np.flatnonzero(data.user_activity())
         assert sorted(first.tolist()) == sorted(expected.tolist())  # one pass over every example
         assert int(ds.cardinality()) == -(-len(expected) // 32)
+
+
+def test_endless_batches_equal_the_per_epoch_ones_and_resume_mid_pass():
+    """``repeat=True`` (one iterator per fit, issue 15) yields exactly the passes that
+    ``repeat=False`` yields epoch by epoch, and a fit starting mid-pass skips what was trained."""
+    data = synthetic(num_users=40, num_items=60, mean_interactions=10, seed=1)
+    model = build_model("mf_bpr", data.num_users, data.num_items, dim=4)
+    model.compile(tf.keras.optimizers.SGD())
+    steps = int(model.make_dataset(data, 32, seed=3).cardinality())
+
+    def ids(batches):
+        return [b["user_id"].tolist() + b["item_id"].tolist() for b in batches]
+
+    def epoch_at(step):
+        model.optimizer.iterations.assign(step)
+        return ids(model.make_dataset(data, 32, seed=3).as_numpy_iterator())
+
+    per_epoch = [epoch_at(0), epoch_at(steps), epoch_at(2 * steps)]
+    endless = model.make_dataset(data, 32, seed=3, repeat=True)
+    assert int(endless.cardinality()) == tf.data.INFINITE_CARDINALITY
+    model.optimizer.iterations.assign(0)
+    assert ids(endless.take(3 * steps).as_numpy_iterator()) == per_epoch[0] + per_epoch[1] + per_epoch[2]
+    model.optimizer.iterations.assign(steps + 2)  # resumed two batches into the second pass
+    assert ids(endless.take(2 * steps - 2).as_numpy_iterator()) == per_epoch[1][2:] + per_epoch[2]

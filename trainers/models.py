@@ -71,17 +71,39 @@ def masked_embedding(input_dim: int, output_dim: int, **kwargs) -> tf.keras.laye
 
 
 def step_keyed_batches(
-    columns: dict[str, np.ndarray], batch_size: int, seed: int, model: tf.keras.Model
+    columns: dict[str, np.ndarray], batch_size: int, seed: int, model: tf.keras.Model, repeat: bool = False
 ) -> tf.data.Dataset:
-    """Batches of the rows of ``columns``, one pass per iteration, reshuffled every pass.
+    """Batches of the rows of ``columns``, reshuffled every pass over them.
 
-    A pass's order is a stateless permutation keyed by ``(seed, model.optimizer.iterations)``
-    read when the pass starts, not by how many passes this dataset object has made (as
+    A pass's order is a stateless permutation keyed by ``(seed, the training step at which
+    the pass starts)``, not by how many passes this dataset object has made (as
     ``shuffle(reshuffle_each_iteration=True)`` does): the epochs of a ``fit`` start at
     different steps, so they get different orders, and an epoch replayed after
     ``tf.keras.callbacks.BackupAndRestore`` restored the step gets the order it had in the
-    uninterrupted run. Until ``model`` is compiled (the dataset trains another model), passes
-    are keyed by their count instead. The cardinality is known: ``ceil(rows / batch_size)``.
+    uninterrupted run.
+
+    * ``repeat=False``: one pass per iteration, keyed by ``model.optimizer.iterations``
+      read when the pass starts (until ``model`` is compiled, by the pass count instead);
+      the cardinality is known, ``ceil(rows / batch_size)``: ``model.fit(ds, epochs=E)``.
+    * ``repeat=True``: endless passes from one iterator, for ``model.fit(ds, epochs=E,
+      steps_per_epoch=ceil(rows / batch_size))``. Keras then keeps one iterator for the
+      whole ``fit`` instead of destroying and re-creating it between epochs, which cost
+      0.3–4 s per epoch (the iterator's destructor waits for its tf.data threads; issue 15).
+      The step is read once, when the iterator starts (at ``fit``'s start, or its resume):
+      pass ``p`` is keyed by ``p × steps`` (the step it starts at when every epoch is one
+      pass) and a fit resumed mid-pass skips the batches already trained, so the batches
+      equal the ``repeat=False`` ones of an uninterrupted run.
+
+    >>> import numpy as np, tensorflow as tf
+    >>> model = tf.keras.Sequential([tf.keras.layers.Dense(1)])
+    >>> model.compile("sgd", "mse")
+    >>> ds = step_keyed_batches({"x": np.arange(5)}, 2, seed=0, model=model)
+    >>> int(ds.cardinality()), sorted(np.concatenate([b["x"] for b in ds.as_numpy_iterator()]).tolist())
+    (3, [0, 1, 2, 3, 4])
+    >>> endless = step_keyed_batches({"x": np.arange(5)}, 2, seed=0, model=model, repeat=True)
+    >>> [b["x"].tolist() for b in endless.take(3).as_numpy_iterator()] == [
+    ...     b["x"].tolist() for b in ds.as_numpy_iterator()]
+    True
     """
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -90,21 +112,31 @@ def step_keyed_batches(
     tensors = {name: tf.constant(values) for name, values in columns.items()}
     passes = itertools.count(1)
 
-    def key() -> np.int64:
+    def step_now(fallback) -> np.int64:
         optimizer = getattr(model, "optimizer", None)
-        return np.int64(optimizer.iterations.numpy() if optimizer is not None else -next(passes))
+        return np.int64(optimizer.iterations.numpy() if optimizer is not None else fallback())
 
-    def order(_):
-        step = tf.reshape(tf.py_function(key, [], tf.int64), [])
-        return tf.random.experimental.stateless_shuffle(
+    def batches(step):  # one pass, in the order keyed by ``step``
+        perm = tf.random.experimental.stateless_shuffle(
             tf.range(rows, dtype=tf.int64), tf.stack([tf.constant(seed, tf.int64), step]))
-
-    def batches(perm):
         return tf.data.Dataset.range(steps).map(lambda b: {
             name: tf.gather(t, perm[b * batch_size:(b + 1) * batch_size]) for name, t in tensors.items()})
 
-    ds = tf.data.Dataset.from_tensors(0).map(order).flat_map(batches)
-    return ds.apply(tf.data.experimental.assert_cardinality(steps)).prefetch(tf.data.AUTOTUNE)
+    def read_step(fallback):
+        return tf.reshape(tf.py_function(lambda: step_now(fallback), [], tf.int64), [])
+
+    if not repeat:
+        ds = tf.data.Dataset.from_tensors(0).map(lambda _: read_step(lambda: -next(passes))).flat_map(batches)
+        return ds.apply(tf.data.experimental.assert_cardinality(steps)).prefetch(tf.data.AUTOTUNE)
+
+    def from_step(start):  # every pass from the one ``start`` falls in, its first batches skipped
+        first = start // steps
+        return tf.data.Dataset.range(first, tf.int64.max).flat_map(
+            lambda p: batches(p * steps).skip(tf.where(p == first, start % steps, 0)))
+
+    ds = tf.data.Dataset.from_tensors(0).map(lambda _: read_step(lambda: 0)).flat_map(from_step)
+    return ds.apply(tf.data.experimental.assert_cardinality(tf.data.INFINITE_CARDINALITY)).prefetch(
+        tf.data.AUTOTUNE)
 
 
 class Recommender(tfrs.models.Model):
@@ -204,15 +236,16 @@ class Recommender(tfrs.models.Model):
         if not self._attached:
             raise ValueError(f"{type(self).__name__} needs model.attach(train_csr) first")
 
-    def make_dataset(self, data, batch_size: int, seed: int) -> tf.data.Dataset:
-        """Training batches: ``{"user_id", "item_id"}`` pairs (one pass over train pairs).
+    def make_dataset(self, data, batch_size: int, seed: int, repeat: bool = False) -> tf.data.Dataset:
+        """Training batches: ``{"user_id", "item_id"}`` pairs (one pass over train pairs, or
+        endless passes with ``repeat``).
 
         Reshuffled every epoch, each epoch's order a function of ``(seed, training step)``:
         an interrupted ``fit`` resumed with ``BackupAndRestore`` sees the same batches as an
         uninterrupted one (see :func:`step_keyed_batches`).
         """
         users, items = data.train_pairs()
-        return step_keyed_batches({"user_id": users, "item_id": items}, batch_size, seed, self)
+        return step_keyed_batches({"user_id": users, "item_id": items}, batch_size, seed, self, repeat)
 
     @staticmethod
     def num_examples(train: sp.csr_matrix) -> int:
@@ -711,9 +744,9 @@ class _Autoencoder(Recommender):
             tf.constant(train.indices, tf.int64), tf.constant(train.indptr, tf.int64))
         self._mean_history = train.nnz / self.num_users
 
-    def make_dataset(self, data, batch_size: int, seed: int) -> tf.data.Dataset:
+    def make_dataset(self, data, batch_size: int, seed: int, repeat: bool = False) -> tf.data.Dataset:
         users = np.flatnonzero(np.diff(data.train.indptr) > 0).astype(np.int64)
-        return step_keyed_batches({"user_id": users}, batch_size, seed, self)
+        return step_keyed_batches({"user_id": users}, batch_size, seed, self, repeat)
 
     @staticmethod
     def num_examples(train: sp.csr_matrix) -> int:

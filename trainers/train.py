@@ -412,9 +412,7 @@ def _fit(cfg: TrainConfig, fit_data, eval_csr, tb_dir: Path, select_on=None) -> 
                   str(tb_dir / "dsl"), steps_per_epoch)
     model = method.build(ctx)
     model.compile(optimizer=OPTIMIZERS[cfg.optimizer](cfg.lr))
-    dataset = model.make_dataset(fit_data, cfg.batch_size, cfg.seed)
-    if int(dataset.cardinality()) != steps_per_epoch:
-        raise RuntimeError(f"{cfg.model} makes {int(dataset.cardinality())} batches, expected {steps_per_epoch}")
+    dataset = model.make_dataset(fit_data, cfg.batch_size, cfg.seed, repeat=True)  # one iterator per fit
     macs = MacCounter(model.train_cost(cfg.batch_size), examples, steps_per_epoch, method.mask_update_every(ctx))
     timer = EpochTimer()
     callbacks: list = [timer, macs, EpochTensorBoard(str(tb_dir))]
@@ -433,7 +431,7 @@ def _fit(cfg: TrainConfig, fit_data, eval_csr, tb_dir: Path, select_on=None) -> 
                                       prefix=f"{cfg.protocol}_", log_dir=str(tb_dir / "eval"))
         callbacks.append(evaluator)
     fit_start = time.time()
-    fit = functools.partial(model.fit, x=dataset, verbose=cfg.verbose)
+    fit = functools.partial(model.fit, x=dataset, steps_per_epoch=steps_per_epoch, verbose=cfg.verbose)
     model, history, sparsity_cb = method.fit(model, ctx, fit, callbacks)
     evaluation_seconds = (stopper or evaluator).seconds if stopper or evaluator else {}
     return _Fit(cfg, model, history, sparsity_cb, timer, macs, update_interval, time.time() - fit_start, stopper,
