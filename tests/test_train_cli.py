@@ -283,3 +283,15 @@ def test_fig5_reads_the_epoch_mean_loss(method_runs, tmp_path):
     (run / "summary.json").write_text(json.dumps(summary))
     with pytest.warns(UserWarning, match="last batch"):
         assert epoch_loss(run) == (summary["history"]["loss"], False)
+
+
+def test_explore_until_stops_dsl_explorations_at_that_fraction(tmp_path, method_runs):
+    """--explore-until 0.5: no exploration after half the planned steps (the default explores to the end)."""
+    _, summary = run_training(_config(tmp_path, "dsl", explore_until=0.5))
+    steps = summary["steps"]
+    explored = [e["dsl_step"] for e in summary["explorations"]]
+    assert explored and max(explored) <= steps // 2
+    assert max(e["dsl_step"] for e in method_runs["dsl"][1]["explorations"]) > steps // 2
+    assert json.loads((tmp_path / "dsl" / "config.json").read_text())["explore_until"] == 0.5
+    with pytest.raises(ValueError, match="explore_until must be in"):
+        _config(tmp_path, "dsl", explore_until=0.0).resolved()
