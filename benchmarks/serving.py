@@ -25,7 +25,8 @@ Measured per variant:
 * bytes of the version folder (saved_model.pb + variables/ + assets.extra/);
 * in a fresh process per variant (TensorFlow imported, the version loaded with the TF1
   loader as TF Serving does, then 30 batch-64 ``serving_default`` requests): load seconds,
-  peak RSS (VmHWM) and final RSS (VmRSS) minus those of a process that loads nothing, and
+  peak RSS (VmHWM), RSS right after the load (before any request) and final RSS (VmRSS) minus
+  those of a process that loads nothing, and
   the process CPU seconds (user + system, all threads) per batch-64 request — the cost of
   scoring every item;
 * p50/p99 latency of ``serving_default`` (k=20) at batch 1 and 64 through a TF1 ``Session``
@@ -89,6 +90,7 @@ with graph.as_default():
         x = tf.compat.v1.placeholder(tf.int64, [None])
         fetch, feed = [x + 1], x
 load = time.perf_counter() - start
+loaded = int(dict(line.split(":", 1) for line in open("/proc/self/status"))["VmRSS"].split()[0]) * 1024
 sess.run(fetch, {feed: rng.integers(0, users, 64)})
 cpu = time.process_time()  # all threads of this process
 for _ in range(requests):
@@ -96,7 +98,7 @@ for _ in range(requests):
 cpu_per_request = (time.process_time() - cpu) / requests
 status = dict(line.split(":", 1) for line in open("/proc/self/status"))
 # VmHWM / VmRSS belong to this process image (ru_maxrss would include the forked parent's)
-print(load, int(status["VmHWM"].split()[0]) * 1024, int(status["VmRSS"].split()[0]) * 1024, cpu_per_request)
+print(load, int(status["VmHWM"].split()[0]) * 1024, int(status["VmRSS"].split()[0]) * 1024, cpu_per_request, loaded)
 """
 
 
@@ -138,12 +140,13 @@ def random_model(backbone: str, users: int, items: int, dim: int, sparsity: floa
     return model, train
 
 
-def child(path: str, users: int, requests: int) -> tuple[float, int, int, float]:
-    """(load seconds, peak RSS, RSS after serving, CPU seconds per batch-64 request) of a fresh process."""
+def child(path: str, users: int, requests: int) -> tuple[float, int, int, float, int]:
+    """(load seconds, peak RSS, RSS after serving, CPU seconds per batch-64 request, RSS right after
+    the load, before any request) of a fresh process."""
     out = subprocess.run([sys.executable, "-c", _CHILD, path, str(users), str(requests)], capture_output=True,
                          text=True, check=True)
-    load, peak, rss, cpu = out.stdout.split()[-4:]
-    return float(load), int(peak), int(rss), float(cpu)
+    load, peak, rss, cpu, loaded = out.stdout.split()[-5:]
+    return float(load), int(peak), int(rss), float(cpu), int(loaded)
 
 
 def latencies(servables: dict, users: int, batch: int, rounds: int) -> dict:
@@ -172,9 +175,10 @@ def _ratios(rows: list[dict]) -> None:
                       and r["backbone"] == row["backbone"]), None)
         if dense is None:
             continue
-        for key in ("bytes", "peak_above_base", "rss_above_base", "cpu_per_request_b64", "p50_b1_ms", "p50_b64_ms",
-                    "load_s"):
-            row[f"{key}_ratio"] = row[key] / dense[key] if dense[key] else float("nan")
+        for key in ("bytes", "peak_above_base", "rss_above_base", "loaded_above_base", "cpu_per_request_b64",
+                    "p50_b1_ms", "p50_b64_ms", "load_s"):
+            if key in row and key in dense:  # rows of older runs lack the newer figures
+                row[f"{key}_ratio"] = row[key] / dense[key] if dense[key] else float("nan")
 
 
 def main(argv=None) -> dict:
@@ -203,9 +207,10 @@ def main(argv=None) -> dict:
     rows = saved["rows"]
     print("command: " + " ".join([Path(sys.executable).name, "benchmarks/serving.py"] + (argv or sys.argv[1:])))
     print(f"{args.backbone}: {args.users} users, {args.items} items, dim {args.dim}; TF {tf.__version__}", flush=True)
-    if "baseline_peak" not in saved:
+    if "baseline_loaded" not in saved:
         base = [child("-", args.users, args.requests) for _ in range(args.rss_repeats)]
         saved["baseline_peak"], saved["baseline_rss"] = min(b[1] for b in base), min(b[2] for b in base)
+        saved["baseline_loaded"] = min(b[4] for b in base)
     root = Path(args.out) / args.backbone
     for s in args.sparsities:
         done = {r["variant"] for r in rows if r["sparsity"] == s and r["backbone"] == args.backbone}
@@ -230,6 +235,7 @@ def main(argv=None) -> dict:
                 **{f"p{q}_b{b}_ms": lat[b][name][i] for b in (1, 64) for i, q in enumerate((50, 99))},
                 "peak_above_base": min(r[1] for r in runs) - saved["baseline_peak"],
                 "rss_above_base": min(r[2] for r in runs) - saved["baseline_rss"],
+                "loaded_above_base": min(r[4] for r in runs) - saved["baseline_loaded"],
                 "load_s": min(r[0] for r in runs), "cpu_per_request_b64": min(r[3] for r in runs),
                 "sizes": [args.users, args.items, args.dim], "tensorflow": tf.__version__,
             })

@@ -9,9 +9,8 @@
 ``lookup(ids)`` rebuilds only the requested rows. ``scores(x) = x · tableᵀ`` (``[B, rows]``,
 every row scored: retrieval, autoencoder output layers) depends on ``scoring`` (compact only):
 
-* ``"cache"`` (default): the dense float32 table rebuilt once at load (dense memory, dense
-  speed; the fastest and, at Gowalla sizes, also the smallest in process memory: see
-  docs/BENCHMARKS.md);
+* ``"cache"`` (default): the dense float32 table decoded once at load, chunk by chunk into
+  one buffer (:func:`filled`; dense memory for that table, dense speed: see export/README.md);
 * ``"sparse"``: a sparse × dense product straight from the compact arrays
   (``SparseTensorDenseMatMul``); its int32 ``[nnz, 2]`` coordinates are computed once when
   the model is loaded (8 bytes per active entry in memory, never saved): no dense copy of
@@ -39,6 +38,11 @@ from dsl_tf import compact, masks
 FORMATS = ("compact", "dense")
 VALUES = ("float32", "float16")
 SCORING = ("sparse", "cache", "rebuild")
+CHUNK_ENTRIES = 2**15
+"""Table entries decoded per chunk when a load-time matrix is built (bounds the load transients;
+measured at Gowalla sizes: 2**18 adds 4.6 MiB to the load peak)."""
+MAX_CHUNKS = 64
+"""At most this many chunks per load-time matrix (larger tables get larger chunks)."""
 
 
 class ExportError(RuntimeError):
@@ -51,12 +55,20 @@ def valid(ids: tf.Tensor, rows: int) -> tf.Tensor:
 
 
 class LoadTimeTensor(tf.saved_model.experimental.TrackableResource):
-    """An in-memory variable of ``shape``/``dtype`` computed by ``compute`` when the SavedModel
-    is loaded (a resource initializer: part of the init op, run after the variables are
-    restored). A resource, not a ``tf.Variable``: never checkpointed, never on disk."""
+    """An in-memory variable of ``shape``/``dtype`` computed when the SavedModel is loaded (a
+    resource initializer: part of the init op, run after the variables are restored). A
+    resource, not a ``tf.Variable``: never checkpointed, never on disk.
 
-    def __init__(self, compute: Callable[[], tf.Tensor], shape, dtype: tf.DType = tf.float32):
-        self._compute, self._dtype = compute, tf.as_dtype(dtype)
+    ``compute() -> tensor`` fills it at once; with ``chunk_rows``, ``compute(start, stop)``
+    returns rows ``[start, stop)``, written chunk by chunk into one buffer (``InplaceUpdate``
+    in a sequential ``while`` loop) that the variable then adopts, so loading holds the matrix
+    plus one chunk's transients instead of every intermediate of the whole matrix. (Not
+    ``ResourceScatterUpdate`` / sliced assigns into the variable: those switch it to
+    copy-on-read, and every request would copy the whole matrix.)"""
+
+    def __init__(self, compute: Callable[..., tf.Tensor], shape, dtype: tf.DType = tf.float32,
+                 chunk_rows: int | None = None):
+        self._compute, self._dtype, self._chunk_rows = compute, tf.as_dtype(dtype), chunk_rows
         self._shape = [int(s) for s in shape]
         self._shared_name = f"dsl_load_time_{uuid.uuid4().hex}"
         super().__init__()
@@ -67,7 +79,13 @@ class LoadTimeTensor(tf.saved_model.experimental.TrackableResource):
                                       container="")
 
     def _initialize(self):
-        return tf.raw_ops.AssignVariableOp(resource=self.resource_handle, value=self._compute())
+        if self._chunk_rows is None:
+            return self.assign(self._compute())
+        return self.assign(filled(self._shape, self._dtype, self._compute, self._chunk_rows))
+
+    def assign(self, value: tf.Tensor):
+        """Replace the whole tensor (load time only)."""
+        return tf.raw_ops.AssignVariableOp(resource=self.resource_handle, value=value)
 
     def _destroy_resource(self):
         tf.raw_ops.DestroyResourceOp(resource=self.resource_handle, ignore_lookup_error=True)
@@ -76,6 +94,36 @@ class LoadTimeTensor(tf.saved_model.experimental.TrackableResource):
         out = tf.raw_ops.ReadVariableOp(resource=self.resource_handle, dtype=self._dtype)
         out.set_shape(self._shape)
         return out
+
+
+def filled(shape, dtype: tf.DType, rows: Callable[[tf.Tensor, tf.Tensor], tf.Tensor], chunk_rows: int) -> tf.Tensor:
+    """A ``shape`` tensor whose rows ``[start, stop)`` are ``rows(start, stop)``, written chunk
+    by chunk (``chunk_rows`` rows) into one buffer by ``InplaceUpdate`` in a sequential
+    ``while`` loop: the buffer plus one chunk's transients are alive, never every
+    intermediate of the whole tensor."""
+    total, dtype = int(shape[0]), tf.as_dtype(dtype)
+
+    def fill(start, matrix):
+        stop = tf.minimum(start + chunk_rows, total)
+        return stop, tf.raw_ops.InplaceUpdate(x=matrix, i=tf.range(start, stop), v=tf.cast(rows(start, stop), dtype))
+
+    _, matrix = tf.while_loop(lambda start, _: start < total, fill, [tf.constant(0), zeros(shape, dtype)],
+                              parallel_iterations=1)
+    return matrix
+
+
+def zeros(shape, dtype: tf.DType = tf.float32) -> tf.Tensor:
+    """A zero tensor made when the op runs (``Empty``, which Grappler never constant-folds):
+    ``tf.zeros`` of a static shape is folded into a ``Const`` of the whole size that the
+    loaded graph keeps for its lifetime and that in-place ops cannot reuse (measured at Gowalla
+    sizes: the init op of a 10 MiB item matrix added 24.6 MiB of RSS with it, 18.1 without)."""
+    return tf.raw_ops.Empty(shape=tf.constant(shape, tf.int32), dtype=dtype, init=True)
+
+
+def rows_per_chunk(rows: int, dim: int) -> int:
+    """Rows per load-time chunk: ``CHUNK_ENTRIES`` float entries (128 KiB of float32), or
+    more for tables of over ``MAX_CHUNKS`` such chunks (the loop's per-iteration overhead)."""
+    return max(1, CHUNK_ENTRIES // max(int(dim), 1), -(-int(rows) // MAX_CHUNKS))
 
 
 class DenseMatrix(tf.Module):
@@ -140,7 +188,8 @@ class ServedTable(tf.Module):
                 if self.scoring == "sparse":
                     self.coordinates = LoadTimeTensor(self._coordinates, [self.nnz, 2], tf.int32)
                 elif self.scoring == "cache":
-                    self.cache = LoadTimeTensor(self._decode, [self.rows, self.dim])
+                    self.cache = LoadTimeTensor(self.decode_rows, [self.rows, self.dim],
+                                                chunk_rows=rows_per_chunk(self.rows, self.dim))
             else:  # dense baseline: E ⊙ M, or transform(E ⊙ M) (a tower's final vectors)
                 table = layer.effective_table()
                 self.matrix = DenseMatrix((table if transform is None else transform(table)).numpy(), values, "dense")
@@ -151,8 +200,16 @@ class ServedTable(tf.Module):
         bits = compact._row_bits(self.bitmask, self.dim)  # noqa: SLF001  (the format's own unpacking)
         return tf.cast(tf.where(bits), tf.int32)
 
-    def _decode(self) -> tf.Tensor:
-        return compact._dense(self.bitmask, self.values, self.dim)  # noqa: SLF001
+    def decode_rows(self, start, stop) -> tf.Tensor:
+        """float32 rows ``[start, stop)`` of a compact table (``start``/``stop``: ints or int32
+        scalars). Each row's values are placed at its set bits by an int32 running count of
+        the bits (no int64 ``[nnz, 2]`` coordinates): transients are a few times the rows'
+        dense bytes."""
+        bits = tf.reshape(compact._row_bits(self.bitmask[start:stop], self.dim), [-1])  # noqa: SLF001
+        values = tf.cast(self.values[self.row_offsets[start]:self.row_offsets[stop]], tf.float32)
+        slot = tf.cumsum(tf.cast(bits, tf.int32), exclusive=True)  # index of each set bit's value
+        placed = tf.gather(tf.concat([values, [0.0]], 0), slot)  # the padding keeps a chunk without values valid
+        return tf.reshape(tf.where(bits, placed, 0.0), [-1, self.dim])
 
     # ------------------------------------------------------------------ the three reads
     def lookup(self, ids: tf.Tensor) -> tf.Tensor:
@@ -167,7 +224,7 @@ class ServedTable(tf.Module):
             return self.matrix.full()
         if self.scoring == "cache":
             return self.cache.read()
-        return self._decode()
+        return self.decode_rows(0, self.rows)
 
     def scores(self, x: tf.Tensor) -> tf.Tensor:
         """``x · tableᵀ``: float32 ``[B, rows]`` for ``x`` float32 ``[B, dim]``."""
