@@ -361,18 +361,16 @@ def compact_prune_and_grow(
     grown = tf.zeros([0], tf.int64)
     if growth == "window":
         candidates, candidate_scores = layer.window_scores()
-        free = tf.ones_like(candidates, tf.bool)
-        for r0, r1 in chunks:
-            inside = (candidates >= r0 * dim) & (candidates < r1 * dim)
-            if not bool(tf.reduce_any(inside)):
-                continue
-            taken = PositionBitmap((r1 - r0) * dim, occupied(r0, r1)).contains(
-                tf.where(inside, candidates - r0 * dim, 0))
-            free = free & ~(inside & taken)
+        at, free = [tf.zeros([0], tf.int32)], [tf.zeros([0], tf.bool)]  # the candidates' free flags, by chunk
+        for (r0, r1), local, index in zip(chunks, *layer.split_by_chunk(candidates, chunks, with_index=True)):
+            if int(tf.size(local)):
+                at.append(index)
+                free.append(~PositionBitmap((r1 - r0) * dim, occupied(r0, r1)).contains(local))
+        free = tf.dynamic_stitch(at, free)  # back in the candidates' order
         candidates, keys = tf.boolean_mask(candidates, free), tf.abs(tf.boolean_mask(candidate_scores, free))
         grown = tf.gather(candidates, top_k_indices(keys, min(num_update, int(tf.size(keys))), seed + [2, 0]))
     grown_chunks = [grown]
-    in_chunk = [tf.boolean_mask(grown, (grown >= r0 * dim) & (grown < r1 * dim)) - r0 * dim for r0, r1 in chunks]
+    in_chunk = layer.split_by_chunk(grown, chunks)
     free_counts = []
     for (r0, r1), mine in zip(chunks, in_chunk):
         v0, v1 = layer.value_range(r0, r1)

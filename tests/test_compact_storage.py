@@ -104,12 +104,81 @@ def test_gradient_reaches_values_as_indexed_slices_of_the_looked_up_rows():
         loss = tf.reduce_sum(out * tf.constant([1.0, 2.0, 3.0]))
     grad = tape.gradient(loss, layer.values)
     assert isinstance(grad, tf.IndexedSlices)
-    # row 1 holds positions 4, 5 (cols 1, 2) = values 2, 3; row 4 none (12..14 → 13 = col 1: value 7)
+    # row 1 holds positions 4, 5 (cols 1, 2) = values 2, 3; row 4 none (12..14 → 13 = col 1: value 7);
+    # row 1, looked up twice, is gathered once: its values appear once, with the summed gradient
     assert sorted(zip(grad.indices.numpy().tolist(), grad.values.numpy().tolist())) == [
-        (2, 2.0), (2, 2.0), (3, 3.0), (3, 3.0), (7, 2.0)]
+        (2, 4.0), (3, 6.0), (7, 2.0)]
     table = np.zeros(18, np.float32)
     table[[0, 2, 4, 5, 7, 9, 11, 13, 16]] = layer.values.numpy()
     np.testing.assert_array_equal(out.numpy(), table.reshape(6, 3)[[1, 1, 4]])
+
+
+@pytest.mark.parametrize("dtype", [tf.int32, tf.int64, tf.float32])
+def test_repeated_rows_give_the_masked_table_rows_and_gradients(dtype):
+    """A batch repeating rows (and a second lookup of the same rows, as mf_bpr's positive and negative
+    items): outputs are the rows of E ⊙ M, the values' gradient is the dense table gradient at the
+    active positions, and a LazyAdam step matches the same step on the dense masked table."""
+    rng = np.random.default_rng(4)
+    rows, dim = 30, 8
+    layer = CompactMaskedEmbedding(rows, dim, sparsity=0.6, growth_scores="none")
+    layer.build(None)
+    positions = np.sort(rng.choice(rows * dim, layer.budget, replace=False))
+    layer.set_layout(tf.constant(positions, tf.int64))
+    layer.values.assign(rng.normal(size=layer.budget).astype(np.float32))
+    first = tf.constant([[3, 7, 3], [0, 3, 29], [7, 7, 3]], dtype)
+    second = tf.constant([29, 3, 11, 3], dtype)
+    w1, w2 = rng.normal(size=(3, 3, dim)).astype(np.float32), rng.normal(size=(4, dim)).astype(np.float32)
+    mask = np.zeros(rows * dim, np.float32)
+    mask[positions] = 1
+    table = tf.Variable(layer.effective_table())
+
+    def loss(lookup):
+        return (tf.reduce_sum(lookup(first) * w1) + tf.reduce_sum(lookup(second) ** 2 * w2))
+
+    with tf.GradientTape() as tape:
+        compact_loss = loss(layer)
+    grad = tape.gradient(compact_loss, layer.values)
+    with tf.GradientTape() as tape:
+        dense_loss = loss(lambda ids: tf.gather(table, tf.cast(ids, tf.int32)))
+    dense_slices = tape.gradient(dense_loss, table)
+    dense_grad = tf.convert_to_tensor(dense_slices).numpy().reshape(-1)
+    np.testing.assert_allclose(compact_loss.numpy(), dense_loss.numpy(), rtol=1e-6)
+    np.testing.assert_array_equal(layer(first).numpy(), tf.gather(table, tf.cast(first, tf.int32)).numpy())
+    # one lookup's gradient names each value once; the two lookups' are concatenated
+    per_lookup = [int(layer.row_splits[r + 1] - layer.row_splits[r]) for r in (0, 3, 7, 29)]
+    assert grad.indices.shape[0] == sum(per_lookup) + sum(per_lookup[1::2]) + int(
+        layer.row_splits[12] - layer.row_splits[11])
+    np.testing.assert_allclose(tf.convert_to_tensor(grad).numpy(), dense_grad[positions], rtol=1e-6, atol=1e-6)
+    opt, dense_opt = dsl_tf.LazyAdam(0.1), dsl_tf.LazyAdam(0.1)
+    opt.apply_gradients([(grad, layer.values)])
+    dense_opt.apply_gradients([(dense_slices, table)])
+    np.testing.assert_allclose(layer.effective_table().numpy().reshape(-1), table.numpy().reshape(-1) * mask,
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_rebuild_layout_by_small_chunks_matches_one_chunk():
+    """Grown positions spanning many row chunks (a window's) and confined to one (a chunk's random
+    draw), split among the chunks in one pass: the same layout, sources and regrown count as one chunk."""
+    rng = np.random.default_rng(5)
+    rows, dim = 700, 4
+    results = []
+    for max_entries in (1 << 24, 256):  # one chunk; 11 chunks of 64 rows
+        layer = CompactMaskedEmbedding(rows, dim, sparsity=0.7, growth_scores="none")
+        layer.build(None)
+        rng = np.random.default_rng(5)
+        old = np.sort(rng.choice(rows * dim, layer.budget, replace=False))
+        layer.set_layout(tf.constant(old, tf.int64))
+        keep = rng.random(layer.budget) < 0.6
+        free = np.setdiff1d(np.arange(rows * dim), old[keep])
+        grown = rng.permutation(free)[:layer.budget - int(keep.sum())]
+        spanning, confined = grown[grown >= 64 * dim], grown[grown < 64 * dim]  # chunk 0's own part
+        source, regrown = layer.rebuild_layout(tf.constant(keep), [tf.constant(spanning), tf.constant(confined)],
+                                               max_entries=max_entries)
+        assert len(layer.row_chunks(max_entries)) == (1 if max_entries > 256 else 11)
+        np.testing.assert_array_equal(layer.positions().numpy(), np.sort(np.concatenate([old[keep], grown])))
+        assert regrown == len(np.intersect1d(grown, old[~keep]))
+        results.append(source.numpy())
+    np.testing.assert_array_equal(*results)
 
 
 def test_budget_mismatch_and_missing_scores_are_clear_errors():
