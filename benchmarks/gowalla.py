@@ -21,7 +21,7 @@ Usage::
         --lr mf_bpr=0.01 \\
         --sparsities 0.8 0.5 0.9 --out runs/bench --json docs/results/gowalla.json
     python benchmarks/gowalla.py --models mf_bpr --select-epochs --epochs 100 --batch-size 8192 \\
-        --lr 0.003 --hparam mf_bpr:l2=1e-4 --methods dsl rp set gmp omp --out runs/converged \\
+        --lr 0.003 --hparam mf_bpr:l2=1e-3 --methods dsl rp set gmp omp --out runs/converged \\
         --json docs/results/gowalla_converged_mf_bpr.json
 """
 
@@ -41,7 +41,7 @@ if __package__ in (None, ""):
 import dsl_tf  # noqa: E402,F401  (before tf.keras)
 
 from trainers.methods import METHODS  # noqa: E402
-from trainers.train import TrainConfig, run_training  # noqa: E402
+from trainers.train import TrainConfig, key_values, run_training  # noqa: E402
 
 
 def _run_dir(out: Path, model: str, method: str, sparsity: float) -> Path:
@@ -132,10 +132,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     hparams: dict[str, dict] = {}
     for item in args.hparam:
         model, sep, assignment = item.partition(":")
-        key, eq, value = assignment.partition("=")
-        if not (sep and eq):
+        if not sep:
             raise SystemExit(f"--hparam expects MODEL:KEY=VALUE, got {item!r}")
-        hparams.setdefault(model, {})[key] = json.loads(value) if value[:1].isdigit() or value[:1] in "-[{" else value
+        hparams.setdefault(model, {}).update(key_values([assignment], "--hparam"))
     out, table = Path(args.out), Path(args.json)
     table.parent.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []

@@ -180,3 +180,12 @@ def test_history_loss_is_the_epoch_mean_of_batch_losses(name, data):
     for loss, losses in zip(history.history["loss"], batches.epochs):
         assert loss == pytest.approx(np.mean(losses), rel=1e-5)
         assert abs(loss - losses[-1]) > 1e-4  # not the last batch's
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_num_examples_gives_the_batches_make_dataset_yields(name, data):
+    """trainers/train.py fits the endless dataset with ``steps_per_epoch`` from ``num_examples``:
+    an epoch is one pass only if the two agree."""
+    model = build_model(name, data.num_users, data.num_items, dim=4)
+    steps = -(-MODELS[name].num_examples(data.train) // 32)
+    assert int(model.make_dataset(data, 32, seed=0).cardinality()) == steps

@@ -112,9 +112,6 @@ def step_keyed_batches(
     tensors = {name: tf.constant(values) for name, values in columns.items()}
     passes = itertools.count(1)
 
-    def step_now(fallback) -> np.int64:
-        optimizer = getattr(model, "optimizer", None)
-        return np.int64(optimizer.iterations.numpy() if optimizer is not None else fallback())
 
     def batches(step):  # one pass, in the order keyed by ``step``
         perm = tf.random.experimental.stateless_shuffle(
@@ -122,8 +119,11 @@ def step_keyed_batches(
         return tf.data.Dataset.range(steps).map(lambda b: {
             name: tf.gather(t, perm[b * batch_size:(b + 1) * batch_size]) for name, t in tensors.items()})
 
-    def read_step(fallback):
-        return tf.reshape(tf.py_function(lambda: step_now(fallback), [], tf.int64), [])
+    def read_step(fallback):  # the training step when the pipeline gets here; ``fallback()`` before compile
+        def step() -> np.int64:
+            optimizer = getattr(model, "optimizer", None)
+            return np.int64(optimizer.iterations.numpy() if optimizer is not None else fallback())
+        return tf.reshape(tf.py_function(step, [], tf.int64), [])
 
     if not repeat:
         ds = tf.data.Dataset.from_tensors(0).map(lambda _: read_step(lambda: -next(passes))).flat_map(batches)

@@ -438,9 +438,8 @@ def _fit(cfg: TrainConfig, fit_data, eval_csr, tb_dir: Path, select_on=None) -> 
     fit_start = time.time()
     fit = functools.partial(model.fit, x=dataset, steps_per_epoch=steps_per_epoch, verbose=cfg.verbose)
     model, history, sparsity_cb = method.fit(model, ctx, fit, callbacks)
-    evaluation_seconds = (stopper or evaluator).seconds if stopper or evaluator else {}
     return _Fit(cfg, model, history, sparsity_cb, timer, macs, update_interval, time.time() - fit_start, stopper,
-                evaluation_seconds)
+                getattr(stopper or evaluator, "seconds", {}))
 
 
 def _select(cfg: TrainConfig, data, tb_dir: Path) -> _Fit:
@@ -577,7 +576,8 @@ def _write_run(out: Path, cfg: TrainConfig, model: Recommender, fit_data, popula
 
 
 # ------------------------------------------------------------------------------- CLI
-def _key_values(items: list[str], flag: str) -> dict:
+def key_values(items: list[str], flag: str) -> dict:
+    """``KEY=VALUE`` strings as a dict, values parsed as JSON where they are JSON."""
     parsed = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -651,8 +651,8 @@ def config_from_args(argv: list[str] | None = None) -> TrainConfig:
     the same name (``--dataset-arg``/``--hparam`` fill ``dataset_args``/``hparams``)."""
     args = vars(parser().parse_args(argv))
     try:
-        args["dataset_args"] = _key_values(args.pop("dataset_arg"), "--dataset-arg")
-        args["hparams"] = _key_values(args.pop("hparam"), "--hparam")
+        args["dataset_args"] = key_values(args.pop("dataset_arg"), "--dataset-arg")
+        args["hparams"] = key_values(args.pop("hparam"), "--hparam")
         return TrainConfig(**args).resolved()
     except (ValueError, argparse.ArgumentTypeError) as err:
         parser().error(str(err))
