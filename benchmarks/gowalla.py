@@ -77,6 +77,7 @@ def _row(summary: dict, dense: dict, run: Path) -> dict:
         "training_macs_vs_dense": summary["training_macs"] / dense["training_macs"],
         "inference_macs_vs_dense": summary["inference_macs"] / dense["inference_macs"],
         "train_seconds": summary["train_seconds"],
+        "train_cpu_seconds": summary.get("train_cpu_seconds"),
         "epochs": len(summary["time"]["epochs"]),
         "steps": summary["steps"],
         "run": str(run),
@@ -85,12 +86,12 @@ def _row(summary: dict, dense: dict, run: Path) -> dict:
 
 def markdown(rows: list[dict]) -> str:
     """The results as a Markdown table."""
-    lines = ["| model | method | s | Recall@20 | NDCG@20 | Recall vs dense | train MACs vs dense | train s |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | method | s | Recall@20 | NDCG@20 | Recall vs dense | train MACs vs dense | train s | train CPU s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['method']} | {r['sparsity']:g} | {r['recall@20']:.4f} | "
                      f"{r['ndcg@20']:.4f} | {r['retention']:.3f} | {r['training_macs_vs_dense']:.3f} | "
-                     f"{r['train_seconds']:.0f} |")
+                     f"{r['train_seconds']:.0f} | {r['train_cpu_seconds'] or float('nan'):.0f} |")
     return "\n".join(lines)
 
 

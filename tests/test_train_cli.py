@@ -1,6 +1,7 @@
 """trainers/train.py end to end: CLI, run directory, load_run, every method's sparsity and MACs."""
 
 import json
+import os
 from pathlib import Path
 import subprocess
 import sys
@@ -267,6 +268,8 @@ def test_summary_breaks_every_epoch_down(method_runs):
         assert total["exploration_seconds"] == pytest.approx(explored)
         assert (explored > 0) == (method == "dsl")
         assert total["wall_over_steps"] >= 1.0 and total["final_evaluation_seconds"] > 0
+        # the fit's CPU time (all threads, in-fit evaluations included): positive, below cores x wall
+        assert 0 < summary["train_cpu_seconds"] <= (os.cpu_count() or 1) * summary["train_seconds"] + 0.5
 
 
 def test_fig5_reads_the_epoch_mean_loss(method_runs, tmp_path):

@@ -400,6 +400,7 @@ class _Fit:
     macs: MacCounter
     update_interval: int
     seconds: float
+    cpu_seconds: float
     stopper: ValidationEarlyStopping | None
     evaluation_seconds: dict[int, float]
 
@@ -435,11 +436,11 @@ def _fit(cfg: TrainConfig, fit_data, eval_csr, tb_dir: Path, select_on=None) -> 
         evaluator = RankingEvaluation(model.scorer, fit_data.train, eval_csr, every_n_epochs=cfg.eval_every,
                                       prefix=f"{cfg.protocol}_", log_dir=str(tb_dir / "eval"))
         callbacks.append(evaluator)
-    fit_start = time.time()
+    fit_start, fit_cpu_start = time.time(), time.process_time()
     fit = functools.partial(model.fit, x=dataset, steps_per_epoch=steps_per_epoch, verbose=cfg.verbose)
     model, history, sparsity_cb = method.fit(model, ctx, fit, callbacks)
-    return _Fit(cfg, model, history, sparsity_cb, timer, macs, update_interval, time.time() - fit_start, stopper,
-                getattr(stopper or evaluator, "seconds", {}))
+    return _Fit(cfg, model, history, sparsity_cb, timer, macs, update_interval, time.time() - fit_start,
+                time.process_time() - fit_cpu_start, stopper, getattr(stopper or evaluator, "seconds", {}))
 
 
 def _select(cfg: TrainConfig, data, tb_dir: Path) -> _Fit:
@@ -509,6 +510,7 @@ def _train(cfg: TrainConfig, data, start: float, out: Path, work: Path) -> tuple
         "inference_macs_per_user": model.inference_cost().macs(1, 0, density),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
         "train_seconds": train_seconds,
+        "train_cpu_seconds": run.cpu_seconds,  # the fit's CPU time, all threads: less sensitive to other load
         "time": timing,
         "steps": sum(epoch["steps"] for epoch in run.timer.epochs),
         "update_interval": update_interval,
