@@ -2,9 +2,11 @@
 
 * ``fig2_performance_sparsity.png``: Recall@20 vs sparsity per method (dense as a line),
   one panel per model, from ``benchmarks/gowalla.py`` results (paper Fig. 2).
-* ``fig3_sweeps.png``: DSL Recall@20 vs the update interval ΔT and vs ρ0, at reduced
-  scale: ``two_tower`` on the built-in synthetic data, s=0.8, validation protocol; the
-  runs are trained here (under ``--sweep-out``, reused when already finished) (Fig. 3).
+* ``fig3_sweeps.png``: DSL Recall@20 on valid vs the update interval ΔT and vs ρ0 (Fig. 3);
+  the runs are trained here (under ``--sweep-out``, reused when already finished) from a base
+  configuration (``--sweep KEY=VALUE``: ``TrainConfig`` fields; default ``two_tower`` on the
+  built-in synthetic data, s=0.8), ΔT over ``--sweep-intervals`` at ρ0 = 0.5 and ρ0 over
+  ``--sweep-ratios`` at ``--sweep-base-interval``, plus the dense model as a line.
 * ``fig4_sparsity_popularity.png``: mean density of embedding rows per popularity group
   (10 groups, least popular first) for users and items, DSL vs RP runs (Fig. 4).
 * ``fig5_loss_curves.png``: training loss per epoch of dense, RP and DSL (Fig. 5): the mean
@@ -15,6 +17,9 @@ Usage::
 
     python benchmarks/figures.py --results docs/results/gowalla_two_tower.json \\
         docs/results/gowalla_mf_bpr.json --out docs/figures
+    python benchmarks/figures.py --results docs/results/gowalla_converged_mf_bpr.json \\
+        --sweep model=mf_bpr dataset=gowalla epochs=38 batch_size=8192 lr=0.003 'hparams={"l2": 0.001}' \\
+        --sweep-intervals 47 94 188 376 752 --sweep-base-interval 188 --sweep-out runs/sweeps_gowalla
 """
 
 from __future__ import annotations
@@ -37,11 +42,11 @@ import scipy.sparse as sp  # noqa: E402
 
 from benchmarks.gowalla import train_or_reuse  # noqa: E402
 from trainers.evaluation import group_density, popularity_groups  # noqa: E402
-from trainers.train import TrainConfig  # noqa: E402
+from trainers.train import TrainConfig, key_values  # noqa: E402
 
 SWEEP_INTERVALS = (8, 16, 32, 64, 128, 256, 640)
 SWEEP_RATIOS = (0.1, 0.3, 0.5, 0.7, 0.9)
-SWEEP_BASE = {"interval": 64, "ratio": 0.5}
+SWEEP_BASE = {"model": "two_tower", "dataset": "synthetic", "sparsity": 0.8}
 COLORS = {"dense": "black", "dsl": "tab:red", "gmp": "tab:blue", "rp": "tab:gray", "set": "tab:green",
           "omp": "tab:purple"}
 
@@ -69,32 +74,34 @@ def fig2(rows: list[dict], out: Path) -> Path:
     return _save(fig, out / "fig2_performance_sparsity.png")
 
 
-def _sweep(out: Path, interval: int, ratio: float, verbose: int, method: str = "dsl") -> float:
+def _sweep(out: Path, base: dict, interval: int, ratio: float, verbose: int, method: str = "dsl") -> float:
     name = f"dt{interval}_rho{ratio:g}" if method == "dsl" else method
-    cfg = TrainConfig(model="two_tower", dataset="synthetic", method=method, sparsity=0.8, update_interval=interval,
-                      initial_update_ratio=ratio, protocol="valid", verbose=verbose, out=str(out / name))
+    cfg = TrainConfig(**{**base, "method": method, "update_interval": interval, "initial_update_ratio": ratio,
+                         "protocol": "valid", "verbose": verbose, "out": str(out / name)})
     summary = train_or_reuse(cfg)
     return summary["metrics"]["recall@20"]
 
 
-def fig3(sweep_out: Path, out: Path, verbose: int) -> Path:
-    by_interval = [_sweep(sweep_out, dt, SWEEP_BASE["ratio"], verbose) for dt in SWEEP_INTERVALS]
-    by_ratio = [_sweep(sweep_out, SWEEP_BASE["interval"], rho, verbose) for rho in SWEEP_RATIOS]
-    dense = _sweep(sweep_out, SWEEP_BASE["interval"], SWEEP_BASE["ratio"], verbose, method="dense")
+def fig3(sweep_out: Path, out: Path, verbose: int, base: dict | None = None, intervals=SWEEP_INTERVALS,
+         ratios=SWEEP_RATIOS, base_interval: int = 64) -> Path:
+    """ΔT sweep at ρ0 = 0.5 and ρ0 sweep at ``base_interval``, on valid, from ``base`` (TrainConfig fields)."""
+    base = {**SWEEP_BASE, **(base or {})}
+    by_interval = [_sweep(sweep_out, base, dt, 0.5, verbose) for dt in intervals]
+    by_ratio = [_sweep(sweep_out, base, base_interval, rho, verbose) for rho in ratios]
+    dense = _sweep(sweep_out, base, base_interval, 0.5, verbose, method="dense")
+    title = f"{base['model']}, {base['dataset']}, s={base['sparsity']:g}"
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     for ax in (left, right):
         ax.axhline(dense, color=COLORS["dense"], ls="--", label="dense")
-    left.plot(SWEEP_INTERVALS, by_interval, marker="o", color=COLORS["dsl"], label="dsl")
-    left.set(xscale="log", xlabel=f"update interval ΔT (steps; ρ0={SWEEP_BASE['ratio']})",
-             ylabel="Recall@20 (valid)", title="two_tower, synthetic, s=0.8")
-    right.plot(SWEEP_RATIOS, by_ratio, marker="o", color=COLORS["dsl"], label="dsl")
-    right.set(xlabel=f"initial update ratio ρ0 (ΔT={SWEEP_BASE['interval']})", ylabel="Recall@20 (valid)",
-              title="two_tower, synthetic, s=0.8")
+    left.plot(intervals, by_interval, marker="o", color=COLORS["dsl"], label="dsl")
+    left.set(xscale="log", xlabel="update interval ΔT (steps; ρ0=0.5)", ylabel="Recall@20 (valid)", title=title)
+    right.plot(ratios, by_ratio, marker="o", color=COLORS["dsl"], label="dsl")
+    right.set(xlabel=f"initial update ratio ρ0 (ΔT={base_interval})", ylabel="Recall@20 (valid)", title=title)
     left.legend()
     right.legend()
     (out / "fig3_sweeps.json").write_text(json.dumps(
-        {"dense": dense, "intervals": dict(zip(map(str, SWEEP_INTERVALS), by_interval)),
-         "ratios": dict(zip(map(str, SWEEP_RATIOS), by_ratio))}, indent=2))
+        {"base": base, "dense": dense, "intervals": dict(zip(map(str, intervals), by_interval)),
+         "ratios": dict(zip(map(str, ratios), by_ratio))}, indent=2))
     return _save(fig, out / "fig3_sweeps.png")
 
 
@@ -169,6 +176,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default="docs/figures")
     p.add_argument("--sweep-out", default="runs/sweeps", help="run directories of the Fig. 3 sweep")
     p.add_argument("--skip-sweep", action="store_true", help="do not train or draw the Fig. 3 sweep")
+    p.add_argument("--sweep", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="Fig. 3 base configuration (TrainConfig fields, JSON values), e.g. model=mf_bpr "
+                        "dataset=gowalla epochs=38")
+    p.add_argument("--sweep-intervals", nargs="+", type=int, default=list(SWEEP_INTERVALS))
+    p.add_argument("--sweep-ratios", nargs="+", type=float, default=list(SWEEP_RATIOS))
+    p.add_argument("--sweep-base-interval", type=int, default=64, help="ΔT of the ρ0 sweep and the dense run")
     p.add_argument("--verbose", type=int, default=0, choices=[0, 1, 2])
     args = p.parse_args(argv)
     out = Path(args.out)
@@ -178,7 +191,8 @@ def main(argv: list[str] | None = None) -> None:
     fig4(rows, out)
     fig5(rows, out)
     if not args.skip_sweep:
-        fig3(Path(args.sweep_out), out, args.verbose)
+        fig3(Path(args.sweep_out), out, args.verbose, key_values(args.sweep, "--sweep"), args.sweep_intervals,
+             args.sweep_ratios, args.sweep_base_interval)
 
 
 if __name__ == "__main__":

@@ -288,6 +288,25 @@ def test_fig5_reads_the_epoch_mean_loss(method_runs, tmp_path):
         assert epoch_loss(run) == (summary["history"]["loss"], False)
 
 
+def test_fig3_sweeps_the_given_base_configuration(tmp_path):
+    """Fig. 3 trains its ΔT and ρ0 sweep from a base config on valid, one run per point, reused when run again."""
+    from benchmarks.figures import fig3
+
+    base = dict(dataset_args=TINY, epochs=2, batch_size=64, dim=8, lr=0.01)
+    fig3(tmp_path / "runs", tmp_path, 0, base, intervals=(4, 8), ratios=(0.3,), base_interval=8)
+    drawn = json.loads((tmp_path / "fig3_sweeps.json").read_text())
+    recall = {run.name: json.loads((run / "summary.json").read_text())["metrics"]["recall@20"]
+              for run in (tmp_path / "runs").iterdir()}
+    assert sorted(recall) == ["dense", "dt4_rho0.5", "dt8_rho0.3", "dt8_rho0.5"]
+    assert drawn["intervals"] == {"4": recall["dt4_rho0.5"], "8": recall["dt8_rho0.5"]}
+    assert drawn["ratios"] == {"0.3": recall["dt8_rho0.3"]} and drawn["dense"] == recall["dense"]
+    config = json.loads((tmp_path / "runs" / "dt8_rho0.3" / "config.json").read_text())
+    assert (config["protocol"], config["update_interval"], config["initial_update_ratio"]) == ("valid", 8, 0.3)
+    stamps = {run.name: (run / "summary.json").stat().st_mtime_ns for run in (tmp_path / "runs").iterdir()}
+    fig3(tmp_path / "runs", tmp_path, 0, base, intervals=(4, 8), ratios=(0.3,), base_interval=8)
+    assert stamps == {run.name: (run / "summary.json").stat().st_mtime_ns for run in (tmp_path / "runs").iterdir()}
+
+
 def test_explore_until_stops_dsl_explorations_at_that_fraction(tmp_path, method_runs):
     """--explore-until 0.5: no exploration after half the planned steps (the default explores to the end)."""
     _, summary = run_training(_config(tmp_path, "dsl", explore_until=0.5))
