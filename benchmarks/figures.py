@@ -95,6 +95,8 @@ def fig3(sweep_out: Path, out: Path, verbose: int, base: dict | None = None, int
         ax.axhline(dense, color=COLORS["dense"], ls="--", label="dense")
     left.plot(intervals, by_interval, marker="o", color=COLORS["dsl"], label="dsl")
     left.set(xscale="log", xlabel="update interval ΔT (steps; ρ0=0.5)", ylabel="Recall@20 (valid)", title=title)
+    left.set_xticks(intervals, [str(dt) for dt in intervals])
+    left.minorticks_off()
     right.plot(ratios, by_ratio, marker="o", color=COLORS["dsl"], label="dsl")
     right.set(xlabel=f"initial update ratio ρ0 (ΔT={base_interval})", ylabel="Recall@20 (valid)", title=title)
     left.legend()
