@@ -35,10 +35,13 @@ Measured per variant:
 
 Results go to ``--json`` after every variant: a rerun with the same ``--json`` and ``--out``
 skips what is there (resumable). ``--quick``: small tables, one sparsity, few requests.
+``--bytes-only``: export the variants and print the version folders' bytes per stored array
+(no loading, timing or RSS; nothing written to ``--json``).
 
     python benchmarks/serving.py --json docs/serving.json --out /tmp/dsl_bench_serving
     python benchmarks/serving.py --backbone lightgcn --sparsities 0.8 --json /tmp/lgcn.json --out /tmp/dsl_lgcn
     python benchmarks/serving.py --quick --json /tmp/q.json --out /tmp/q
+    python benchmarks/serving.py --backbone lightgcn --bytes-only --variants dense compact --out /tmp/dsl_lgcn
 """
 
 from __future__ import annotations
@@ -149,6 +152,28 @@ def child(path: str, users: int, requests: int) -> tuple[float, int, int, float,
     return float(load), int(peak), int(rss), float(cpu), int(loaded)
 
 
+def stored_bytes(path: Path) -> dict:
+    """Bytes of a version folder: each stored array (from the checkpoint) and each file."""
+    reader = tf.train.load_checkpoint(str(path / "variables" / "variables"))
+    arrays = {name.split("/.ATTRIBUTES")[0]: int(np.prod(shape)) * reader.get_variable_to_dtype_map()[name].size
+              for name, shape in reader.get_variable_to_shape_map().items() if "/.ATTRIBUTES" in name}
+    files = {str(f.relative_to(path)): f.stat().st_size for f in sorted(path.rglob("*")) if f.is_file()}
+    return {"arrays": arrays, "files": files, "total": sum(files.values())}
+
+
+def bytes_report(exported: dict) -> str:
+    """Each variant's bytes per stored array and file, and its ratio to ``dense``."""
+    sizes = {name: stored_bytes(result.path) for name, result in exported.items()}
+    dense = sizes.get("dense", {}).get("total")
+    lines = []
+    for name, size in sizes.items():
+        ratio = f" = {size['total'] / dense:.4f} of dense" if dense else ""
+        lines.append(f"{name}: {size['total']:,} bytes{ratio}")
+        for key, value in {**size["arrays"], **size["files"]}.items():
+            lines.append(f"    {key:<60} {value:>12,}" + (f"  ({value / dense:.4f})" if dense else ""))
+    return "\n".join(lines)
+
+
 def latencies(servables: dict, users: int, batch: int, rounds: int) -> dict:
     rng = np.random.default_rng(batch)
     calls = {name: s.callable("serving_default") for name, s in servables.items()}
@@ -181,6 +206,12 @@ def _ratios(rows: list[dict]) -> None:
                 row[f"{key}_ratio"] = row[key] / dense[key] if dense[key] else float("nan")
 
 
+def _export(model, train, args, sparsity: float, name: str):
+    kw = {key: value for key, value in VARIANTS[name].items() if args.backbone == "two_tower" or key != "item_matrix"}
+    return export_model(model, Path(args.out) / args.backbone / f"s{sparsity}", name, k=20, compare_dense=False,
+                        overwrite=True, version=1, interactions=train, **kw)
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--backbone", choices=("two_tower", "lightgcn"), default="two_tower")
@@ -194,13 +225,22 @@ def main(argv=None) -> dict:
     p.add_argument("--requests", type=int, default=30, help="batch-64 requests of the RSS / CPU process")
     p.add_argument("--rss-repeats", type=int, default=2, help="fresh processes per variant (min is kept)")
     p.add_argument("--out", default="/tmp/dsl_bench_serving", help="exports (kept, for resuming)")
-    p.add_argument("--json", required=True, help="results file (read first: present rows are skipped)")
+    p.add_argument("--json", help="results file (read first: present rows are skipped); required unless --bytes-only")
+    p.add_argument("--bytes-only", action="store_true", help="print the version folders' bytes per stored array only")
     p.add_argument("--quick", action="store_true", help="2,000 users x 3,000 items x 32, s=0.8, 20 rounds")
     args = p.parse_args(argv)
     if args.quick:
         args.users, args.items, args.dim, args.interactions = 2000, 3000, 32, 20000
         args.sparsities, args.rounds, args.requests, args.rss_repeats = [0.8], 20, 5, 1
     variants = args.variants or [v for v in VARIANTS if args.backbone == "two_tower" or v in GRAPH_VARIANTS]
+    if args.bytes_only:
+        for s in args.sparsities:
+            model, train = random_model(args.backbone, args.users, args.items, args.dim, s, args.interactions)
+            exported = {name: _export(model, train, args, s, name) for name in variants}
+            print(f"s={s}\n" + bytes_report(exported), flush=True)
+        return {}
+    if args.json is None:
+        p.error("--json is required (unless --bytes-only)")
     random.seed(0)
     path = Path(args.json)
     saved = json.loads(path.read_text()) if path.exists() else {"rows": []}
@@ -211,19 +251,13 @@ def main(argv=None) -> dict:
         base = [child("-", args.users, args.requests) for _ in range(args.rss_repeats)]
         saved["baseline_peak"], saved["baseline_rss"] = min(b[1] for b in base), min(b[2] for b in base)
         saved["baseline_loaded"] = min(b[4] for b in base)
-    root = Path(args.out) / args.backbone
     for s in args.sparsities:
         done = {r["variant"] for r in rows if r["sparsity"] == s and r["backbone"] == args.backbone}
         todo = [v for v in variants if v not in done]
         if not todo:
             continue
         model, train = random_model(args.backbone, args.users, args.items, args.dim, s, args.interactions)
-        exported = {}
-        for name in todo:
-            kw = {key: value for key, value in VARIANTS[name].items() if args.backbone == "two_tower"
-                  or key != "item_matrix"}
-            exported[name] = export_model(model, root / f"s{s}", name, k=20, compare_dense=False, overwrite=True,
-                                          version=1, interactions=train, **kw)
+        exported = {name: _export(model, train, args, s, name) for name in todo}
         servables = {name: SessionServable(r.path) for name, r in exported.items()}
         lat = {b: latencies(servables, args.users, b, args.rounds) for b in (1, 64)}
         for session in servables.values():

@@ -19,6 +19,12 @@ e.g. 40,981 x 64 at 80% sparsity: 24.7% of the dense float32 bytes with float32 
 uint8 column indices would cost ``density * dim``, so the bitmask is smaller whenever
 density > 1/8 (sparsity < 87.5%), and it lets a lookup unpack a row without a search.
 
+A servable stores only the bitmask and the values (the row offsets are the bitmask's per-row
+popcounts, recomputed at load: :func:`row_offsets_of`); the load-time codecs at the end of this
+module store what is decoded once at load more tightly still: float32 values losslessly in
+24 + 5 or 6 bits (:func:`pack_floats`) and sorted id sets, e.g. a graph's edges, in Elias–Fano
+form (:func:`encode_sorted`).
+
 >>> import numpy as np
 >>> table = np.array([[0.0, 1.5, 0.0], [2.0, 0.0, -3.0]], np.float32)
 >>> ct = encode(table)
@@ -43,11 +49,20 @@ import tensorflow as tf
 __all__ = [
     "CompactEmbedding",
     "CompactTable",
+    "PackedFloats",
+    "SortedIds",
     "compact_nbytes",
     "decode",
+    "decode_sorted",
     "encode",
+    "encode_sorted",
     "from_layer",
     "lookup",
+    "pack_fields",
+    "pack_floats",
+    "row_offsets_of",
+    "unpack_fields",
+    "unpack_floats",
 ]
 
 DTypeLike = Union[str, type, np.dtype]
@@ -78,11 +93,16 @@ def _offsets_dtype(nnz: int) -> np.dtype:
     return np.dtype(np.int32 if nnz < _INT32_LIMIT else np.int64)
 
 
-def compact_nbytes(rows: int, dim: int, nnz: int, values_dtype: DTypeLike = "float32") -> int:
-    """Bytes of the compact format for a ``rows x dim`` table with ``nnz`` active entries.
+def compact_nbytes(rows: int, dim: int, nnz: int, values_dtype: DTypeLike = "float32",
+                   offsets: bool = True) -> int:
+    """Bytes of the compact format for a ``rows x dim`` table with ``nnz`` active entries;
+    ``offsets=False``: without the row offsets (what a servable stores: it recomputes them
+    at load with :func:`row_offsets_of`).
 
     >>> compact_nbytes(2, 3, 3)  # 2 bitmask bytes + 3 float32 values + 3 int32 offsets
     26
+    >>> compact_nbytes(2, 3, 3, offsets=False)
+    14
     >>> compact_nbytes(40981, 64, 524557, "float16")
     1540890
     """
@@ -92,7 +112,7 @@ def compact_nbytes(rows: int, dim: int, nnz: int, values_dtype: DTypeLike = "flo
             f"need rows >= 1, dim >= 1, 0 <= nnz <= rows*dim; got {rows}, {dim}, {nnz}"
         )
     itemsize = _values_dtype(values_dtype).itemsize
-    return rows * (-(-dim // 8)) + nnz * itemsize + (rows + 1) * _offsets_dtype(nnz).itemsize
+    return rows * (-(-dim // 8)) + nnz * itemsize + offsets * (rows + 1) * _offsets_dtype(nnz).itemsize
 
 
 def _cast_values(active: np.ndarray, vdtype: np.dtype) -> np.ndarray:
@@ -438,3 +458,192 @@ class CompactEmbedding(tf.Module):
     def dense(self) -> tf.Tensor:
         """The full float32 ``[rows, dim]`` table (zeros at inactive entries)."""
         return _dense(self.bitmask, self.values, self.dim)
+
+
+# ============================================================================ load-time codecs
+# Tighter encodings of what a servable stores and decodes once, when it is loaded: numpy
+# encoders, decoders in core TF ops (Gather, bitwise shifts, PopulationCount, Where, Bitcast;
+# no py_function, no custom ops), so the stock TF Serving binary runs them. The general-purpose
+# codecs that do this (tensorflow-compression's range / Elias-gamma coders) are custom ops.
+
+
+def row_offsets_of(bitmask_t: tf.Tensor | tf.Variable, dtype: tf.DType = tf.int32) -> tf.Tensor:
+    """A compact table's ``row_offsets`` recomputed from its bitmask (per-row popcounts), so a
+    servable need not store them.
+
+    >>> ct = encode(np.array([[0.0, 1.5, 0.0], [2.0, 0.0, -3.0]], np.float32))
+    >>> row_offsets_of(ct.bitmask).numpy().tolist()
+    [0, 1, 3]
+    """
+    counts = tf.cast(tf.raw_ops.PopulationCount(x=tf.convert_to_tensor(bitmask_t)), dtype)
+    return tf.concat([tf.zeros([1], dtype), tf.cumsum(tf.reduce_sum(counts, axis=1))], 0)
+
+
+def pack_fields(fields: np.ndarray, width: int) -> np.ndarray:
+    """uint8 stream of the non-negative integers ``fields``, ``width`` bits each: field ``i``
+    is bits ``[i * width, (i + 1) * width)``, little-endian (bit ``b`` of the stream is
+    ``(stream[b // 8] >> (b % 8)) & 1``). ``ceil(len(fields) * width / 8)`` bytes.
+
+    >>> pack_fields(np.array([1, 2, 3]), 2).tolist()  # bits 10 01 11 -> 0b111001
+    [57]
+    """
+    fields = np.asarray(fields)
+    if isinstance(width, bool) or not isinstance(width, (int, np.integer)) or not 1 <= width <= 32:
+        raise ValueError(f"width must be an int in [1, 32], got {width!r}")
+    if fields.ndim != 1 or not np.issubdtype(fields.dtype, np.integer):
+        raise ValueError(f"fields must be a 1-D integer array, got {fields.dtype} {list(fields.shape)}")
+    if fields.size and (int(fields.min()) < 0 or int(fields.max()) >= 2**width):
+        raise ValueError(f"fields must be in [0, 2**{width}), got [{fields.min()}, {fields.max()}]")
+    fields = fields.astype(np.uint64)
+    bits = np.empty((fields.size, int(width)), np.uint8)
+    for j in range(int(width)):
+        bits[:, j] = (fields >> np.uint64(j)) & np.uint64(1)
+    return np.packbits(bits.ravel(), bitorder="little")
+
+
+def unpack_fields(stream_t: tf.Tensor | tf.Variable, width: int, start, count) -> tf.Tensor:
+    """int64 ``[count]``: fields ``start .. start + count - 1`` of a :func:`pack_fields` stream
+    (``start`` / ``count``: ints or scalar tensors; in a SavedModel pass tensors computed when
+    it runs: a Python ``count`` makes every ``[count]`` intermediate foldable into a constant).
+    Gathers the few bytes each field spans: random access, work proportional to ``count``.
+
+    >>> unpack_fields(pack_fields(np.array([5, 0, 7, 1]), 3), 3, 1, 3).numpy().tolist()
+    [0, 7, 1]
+    """
+    stream = tf.convert_to_tensor(stream_t)
+    start, count = tf.cast(start, tf.int64), tf.cast(count, tf.int64)
+    bit = tf.range(start, start + count, dtype=tf.int64) * width
+    byte, shift = bit // 8, bit % 8
+    last = tf.shape(stream, out_type=tf.int64)[0] - 1
+    word = tf.zeros_like(bit)
+    for k in range(-(-(width + 7) // 8)):  # the bytes a field can span; past the end reads as 0
+        at = byte + k
+        part = tf.cast(tf.gather(stream, tf.clip_by_value(at, 0, tf.maximum(last, 0))), tf.int64)
+        word = tf.bitwise.bitwise_or(word, tf.bitwise.left_shift(tf.where(at <= last, part, 0), 8 * k))
+    return tf.bitwise.bitwise_and(tf.bitwise.right_shift(word, shift), 2**width - 1)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class SortedIds:
+    """A non-decreasing sequence of ``count`` integers in ``[0, universe)`` in Elias–Fano form:
+    each id's low ``low_bits`` bits packed in ``lower`` (:func:`pack_fields`), its high part
+    ``id >> low_bits`` in unary in the bits of ``upper`` (bit ``high_i + i`` set). About
+    ``2 + log2(universe / count)`` bits per id, within 0.6 bit of the entropy of a random
+    ``count``-subset. Made by :func:`encode_sorted`, decoded by :func:`decode_sorted`."""
+
+    upper: np.ndarray
+    lower: np.ndarray
+    count: int
+    low_bits: int
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.upper.nbytes + self.lower.nbytes)
+
+
+def encode_sorted(ids: np.ndarray, universe: int) -> SortedIds:
+    """Elias–Fano code of the non-decreasing integers ``ids`` in ``[0, universe)``.
+
+    >>> code = encode_sorted(np.array([3, 4, 7, 13, 14, 15]), 16)
+    >>> code.low_bits, code.upper.tolist(), code.lower.tolist()
+    (1, [42, 26], [45])
+    >>> decode_sorted(code.upper, code.lower, code.low_bits).numpy().tolist()
+    [3, 4, 7, 13, 14, 15]
+    """
+    ids = np.asarray(ids)
+    if ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
+        raise ValueError(f"ids must be a 1-D integer array, got {ids.dtype} {list(ids.shape)}")
+    ids = ids.astype(np.int64)
+    if ids.size and (ids[0] < 0 or ids[-1] >= universe or np.any(np.diff(ids) < 0)):
+        raise ValueError(f"ids must be non-decreasing in [0, {universe}), got [{ids.min()}, {ids.max()}]")
+    count = int(ids.size)
+    low_bits = max(0, int(np.floor(np.log2(universe / count)))) if count else 0
+    low_bits = min(low_bits, 32)
+    upper = np.zeros(count + ((int(universe) - 1) >> low_bits) + 1, np.uint8)
+    upper[(ids >> low_bits) + np.arange(count)] = 1
+    lower = pack_fields(ids & (2**low_bits - 1), low_bits) if low_bits else np.zeros(0, np.uint8)
+    return SortedIds(np.packbits(upper, bitorder="little"), lower, count, low_bits)
+
+
+def decode_sorted(upper_t, lower_t, low_bits: int, byte_start=0, byte_stop=None, rank_start=0):
+    """The ids of a :class:`SortedIds` (its arrays as tensors or variables), in TF ops: the set
+    bits of ``upper`` give the high parts, ``lower`` the rest. With no range: int64 ``[count]``,
+    every id. With ``byte_start`` / ``byte_stop`` (bytes of ``upper``) and ``rank_start`` (the
+    number of set bits before ``byte_start``): ``(ids, ranks)``, the ids whose unary bit is in
+    those bytes and their int64 positions in the sequence, so a caller can decode a long
+    sequence chunk by chunk with bounded transients. Every shape is computed when the op runs:
+    no whole-size ``range`` for Grappler to fold into a constant the loaded graph would keep."""
+    upper = tf.convert_to_tensor(upper_t)
+    whole = byte_stop is None
+    byte_start = tf.cast(byte_start, tf.int64)
+    part = upper if whole else upper[byte_start:byte_stop]
+    bits = tf.reshape(tf.gather(tf.constant(_BYTE_BITS), tf.cast(part, tf.int32)), [-1])
+    ones = tf.where(bits)[:, 0] + 8 * byte_start
+    ranks = tf.range(tf.shape(ones, out_type=tf.int64)[0]) + tf.cast(rank_start, tf.int64)
+    ids = ones - ranks
+    if low_bits:
+        low = unpack_fields(lower_t, low_bits, rank_start, tf.size(ranks, out_type=tf.int64))
+        ids = tf.bitwise.bitwise_or(tf.bitwise.left_shift(ids, low_bits), low)
+    return ids if whole else (ids, ranks)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PackedFloats:
+    """``count`` float32 values, lossless, in ``24 + width`` bits each: ``low`` (uint8
+    ``[3 * count]``) holds each value's 23 mantissa bits and its sign (bit 23), little-endian;
+    ``exponents`` (:func:`pack_fields`, ``width`` bits) its biased exponent ``e`` as code
+    ``e - min_exponent + 1``, or 0 when ``e == 0`` (zeros, subnormals). Trained embedding
+    values span a few dozen binades, so ``width`` is 5-6 instead of 8. Made by
+    :func:`pack_floats`, decoded by :func:`unpack_floats`."""
+
+    low: np.ndarray
+    exponents: np.ndarray
+    count: int
+    width: int
+    min_exponent: int
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.low.nbytes + self.exponents.nbytes)
+
+
+def pack_floats(values: np.ndarray) -> PackedFloats:
+    """The :class:`PackedFloats` of the float32 ``values`` (bitwise exact: NaN, inf, -0.0 too).
+
+    >>> packed = pack_floats(np.array([0.5, -3.0, 0.0, 1e-3], np.float32))
+    >>> packed.width, packed.min_exponent, packed.nbytes
+    (4, 117, 14)
+    >>> unpack_floats(packed.low, packed.exponents, packed.width, packed.min_exponent, 0, 4).numpy().tolist()
+    [0.5, -3.0, 0.0, 0.0010000000474974513]
+    """
+    values = np.asarray(values)
+    if values.ndim != 1 or values.dtype != np.float32:
+        raise ValueError(f"values must be a 1-D float32 array, got {values.dtype} {list(values.shape)}")
+    bits = values.view(np.uint32)
+    exponent = ((bits >> 23) & 0xFF).astype(np.int64)
+    low = ((bits & 0x7FFFFF) | ((bits >> 31) << 23)).astype("<u4")
+    nonzero = exponent[exponent > 0]
+    min_exponent = int(nonzero.min()) if nonzero.size else 1
+    codes = np.where(exponent > 0, exponent - min_exponent + 1, 0)
+    width = max(1, int(codes.max(initial=0)).bit_length())
+    return PackedFloats(low.view(np.uint8).reshape(-1, 4)[:, :3].ravel(), pack_fields(codes, width),
+                        int(values.size), width, min_exponent)
+
+
+def unpack_floats(low_t, exponents_t, width: int, min_exponent: int, start, count) -> tf.Tensor:
+    """float32 ``[count]``: values ``start .. start + count - 1`` of a :class:`PackedFloats` (its
+    arrays as tensors or variables; ``start`` / ``count``: ints or scalar tensors), bitwise
+    equal to the packed values."""
+    index = tf.range(tf.cast(start, tf.int64), tf.cast(start, tf.int64) + tf.cast(count, tf.int64)) * 3
+    low = tf.zeros_like(index, tf.uint32)
+    for k in range(3):
+        byte = tf.cast(tf.gather(tf.convert_to_tensor(low_t), index + k), tf.uint32)
+        low = tf.bitwise.bitwise_or(low, tf.bitwise.left_shift(byte, tf.constant(8 * k, tf.uint32)))
+    code = tf.cast(unpack_fields(exponents_t, width, start, count), tf.int32)
+    exponent = tf.cast(tf.where(code > 0, code + (min_exponent - 1), 0), tf.uint32)
+    sign = tf.bitwise.right_shift(low, tf.constant(23, tf.uint32))
+    bits = tf.bitwise.bitwise_or(
+        tf.bitwise.bitwise_or(tf.bitwise.left_shift(sign, tf.constant(31, tf.uint32)),
+                              tf.bitwise.left_shift(exponent, tf.constant(23, tf.uint32))),
+        tf.bitwise.bitwise_and(low, tf.constant(0x7FFFFF, tf.uint32)))
+    return tf.bitcast(bits, tf.float32)

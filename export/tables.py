@@ -2,8 +2,13 @@
 
 :class:`ServedTable` holds one ``MaskedEmbedding`` / ``CompactMaskedEmbedding`` table:
 
-* ``fmt="compact"``: the :mod:`dsl_tf.compact` arrays (encoded with ``compact.from_layer``,
-  never densified for a compact-storage layer), ``values`` float32 or float16;
+* ``fmt="compact"``: the :mod:`dsl_tf.compact` bitmask and values (encoded with
+  ``compact.from_layer``, never densified for a compact-storage layer), ``values`` float32 or
+  float16; the row offsets are recomputed from the bitmask at load (``compact.row_offsets_of``,
+  a load-time tensor), never stored. ``load_only=True`` (a table only the load reads, e.g.
+  LightGCN's base tables, propagated once at load): float32 values are stored packed
+  (``compact.pack_floats``: 24 + 5 or 6 bits per value instead of 32, lossless) and the table
+  answers no request itself;
 * ``fmt="dense"``: the dense masked table ``E ⊙ M`` (the baseline).
 
 ``lookup(ids)`` rebuilds only the requested rows. ``scores(x) = x · tableᵀ`` (``[B, rows]``,
@@ -167,7 +172,8 @@ class ServedTable(tf.Module):
     """
 
     def __init__(self, layer, fmt: str = "compact", values: str = "float32", scoring: str = "cache",
-                 name: str | None = None, transform: Callable[[tf.Tensor], tf.Tensor] | None = None):
+                 name: str | None = None, transform: Callable[[tf.Tensor], tf.Tensor] | None = None,
+                 load_only: bool = False):
         super().__init__(name=name or layer.name)
         if fmt not in FORMATS:
             raise ExportError(f"format must be one of {FORMATS}, got {fmt!r}")
@@ -178,35 +184,67 @@ class ServedTable(tf.Module):
         self.fmt, self.scoring = fmt, scoring if fmt == "compact" else "dense"
         self.rows, self.dim = int(layer.input_dim), int(layer.output_dim)
         self.info = describe_layer(layer, fmt, self.scoring)
+        self.load_only = load_only
         with self.name_scope:
             if fmt == "compact":  # from the training layout: never the whole table
                 encoded = compact.from_layer(layer, values)
-                self.nnz = encoded.nnz
+                self.nnz, self.packed = encoded.nnz, load_only and values == "float32"
+                self._offsets_dtype = tf.as_dtype(encoded.row_offsets.dtype)
                 self.bitmask = tf.Variable(encoded.bitmask, trainable=False, name="bitmask")
-                self.values = tf.Variable(encoded.values, trainable=False, name="values")
-                self.row_offsets = tf.Variable(encoded.row_offsets, trainable=False, name="row_offsets")
+                if self.packed:
+                    packed = compact.pack_floats(encoded.values)
+                    self.width, self.min_exponent = packed.width, packed.min_exponent
+                    self.values_low = tf.Variable(packed.low, trainable=False, name="values_low")
+                    self.values_exponents = tf.Variable(packed.exponents, trainable=False, name="values_exponents")
+                else:
+                    self.values = tf.Variable(encoded.values, trainable=False, name="values")
+                if load_only:
+                    return
+                self.row_offsets = LoadTimeTensor(self.offsets, [self.rows + 1], self._offsets_dtype)
                 if self.scoring == "sparse":
                     self.coordinates = LoadTimeTensor(self._coordinates, [self.nnz, 2], tf.int32)
                 elif self.scoring == "cache":
-                    self.cache = LoadTimeTensor(self.decode_rows, [self.rows, self.dim],
-                                                chunk_rows=rows_per_chunk(self.rows, self.dim))
+                    self.cache = LoadTimeTensor(lambda: self.decoded(), [self.rows, self.dim])
             else:  # dense baseline: E ⊙ M, or transform(E ⊙ M) (a tower's final vectors)
                 table = layer.effective_table()
                 self.matrix = DenseMatrix((table if transform is None else transform(table)).numpy(), values, "dense")
 
     # ------------------------------------------------------------------ compact helpers
+    def offsets(self) -> tf.Tensor:
+        """The row offsets, recomputed from the bitmask (at load; one load-time tensor may not
+        read another, so load-time code calls this instead of reading ``row_offsets``)."""
+        return compact.row_offsets_of(self.bitmask, self._offsets_dtype)
+
+    def decoded(self, transform: Callable[[tf.Tensor], tf.Tensor] | None = None) -> tf.Tensor:
+        """The whole float32 table (``transform`` of each chunk of rows), decoded chunk by chunk
+        into one buffer (:func:`filled`) with the row offsets computed once (load time)."""
+        offsets = self.offsets()
+
+        def rows(start, stop):
+            chunk = self.decode_rows(start, stop, offsets)
+            return chunk if transform is None else transform(chunk)
+
+        return filled([self.rows, self.dim], tf.float32, rows, rows_per_chunk(self.rows, self.dim))
+
     def _coordinates(self) -> tf.Tensor:
         """int32 ``[nnz, 2]`` (row, column) of the values, row-major (load time only)."""
         bits = compact._row_bits(self.bitmask, self.dim)  # noqa: SLF001  (the format's own unpacking)
         return tf.cast(tf.where(bits), tf.int32)
 
-    def decode_rows(self, start, stop) -> tf.Tensor:
+    def decode_rows(self, start, stop, offsets: tf.Tensor | None = None) -> tf.Tensor:
         """float32 rows ``[start, stop)`` of a compact table (``start``/``stop``: ints or int32
-        scalars). Each row's values are placed at its set bits by an int32 running count of
+        scalars; ``offsets``: :meth:`offsets`, computed once by a caller decoding many row
+        ranges). Each row's values are placed at its set bits by an int32 running count of
         the bits (no int64 ``[nnz, 2]`` coordinates): transients are a few times the rows'
         dense bytes."""
+        offsets = self.offsets() if offsets is None else offsets
         bits = tf.reshape(compact._row_bits(self.bitmask[start:stop], self.dim), [-1])  # noqa: SLF001
-        values = tf.cast(self.values[self.row_offsets[start]:self.row_offsets[stop]], tf.float32)
+        first, last = offsets[start], offsets[stop]
+        if self.packed:
+            values = compact.unpack_floats(self.values_low, self.values_exponents, self.width, self.min_exponent,
+                                           first, last - first)
+        else:
+            values = tf.cast(self.values[first:last], tf.float32)
         slot = tf.cumsum(tf.cast(bits, tf.int32), exclusive=True)  # index of each set bit's value
         placed = tf.gather(tf.concat([values, [0.0]], 0), slot)  # the padding keeps a chunk without values valid
         return tf.reshape(tf.where(bits, placed, 0.0), [-1, self.dim])
@@ -216,12 +254,18 @@ class ServedTable(tf.Module):
         """float32 ``[*ids.shape, dim]``; zero vectors for ids outside ``[0, rows)``."""
         if self.fmt == "dense":
             return self.matrix.lookup(ids)
-        return compact.lookup(self.bitmask, self.values, self.row_offsets, tf.cast(ids, tf.int64), self.dim)
+        self._answers()
+        return compact.lookup(self.bitmask, self.values, self.row_offsets.read(), tf.cast(ids, tf.int64), self.dim)
+
+    def _answers(self) -> None:
+        if self.load_only:
+            raise ExportError(f"{self.name} is a load-only table: it answers no request")
 
     def full(self) -> tf.Tensor:
         """The whole float32 table ``[rows, dim]`` (cached at load with ``scoring="cache"``)."""
         if self.fmt == "dense":
             return self.matrix.full()
+        self._answers()
         if self.scoring == "cache":
             return self.cache.read()
         return self.decode_rows(0, self.rows)
@@ -229,6 +273,7 @@ class ServedTable(tf.Module):
     def scores(self, x: tf.Tensor) -> tf.Tensor:
         """``x · tableᵀ``: float32 ``[B, rows]`` for ``x`` float32 ``[B, dim]``."""
         if self.fmt == "compact" and self.scoring == "sparse":
+            self._answers()
             product = tf.raw_ops.SparseTensorDenseMatMul(
                 a_indices=self.coordinates.read(), a_values=tf.cast(self.values, tf.float32),
                 a_shape=tf.constant([self.rows, self.dim], tf.int64), b=tf.transpose(x))
@@ -241,7 +286,7 @@ class ServedTable(tf.Module):
         if self.fmt == "dense":
             squares = tf.reduce_sum(tf.square(self.full()), axis=1)
         else:
-            rows = tf.ragged.row_splits_to_segment_ids(tf.cast(self.row_offsets, tf.int64))
+            rows = tf.ragged.row_splits_to_segment_ids(tf.cast(self.offsets(), tf.int64))
             squares = tf.math.unsorted_segment_sum(tf.square(tf.cast(self.values, tf.float32)), rows, self.rows)
         return tf.math.rsqrt(tf.maximum(squares, 1e-12))
 
