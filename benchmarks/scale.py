@@ -5,7 +5,7 @@ window growth scores and ``dsl_tf.LazyAdam``, dotted with a small item table, tr
 random (user, item, label) triples with ``DynamicSparsity`` for ``--explorations``
 intervals of ``--interval`` steps. Prints and writes (``--json``) rows, entries, state
 bytes (every model + optimizer variable) against dense Embedding + Adam's 12 bytes per
-entry, peak RSS, median step time and each exploration's seconds.
+entry, peak RSS, median step time and each exploration's wall and CPU seconds.
 
     PYTHONPATH=. python benchmarks/scale.py --rows 40000000 --json docs/results/scale_40m.json
 """
@@ -42,6 +42,20 @@ class _StepTimer(tf.keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         self.seconds.append(time.perf_counter() - self._start)
         self.rss_gib.append(_rss_gib())
+        self.cpu_before_dsl = time.process_time()
+
+
+class _ExplorationCpu(tf.keras.callbacks.Callback):
+    """CPU seconds (every thread of the process) of each exploration: placed after the
+    ``DynamicSparsity`` callback, it reads the CPU clock the step timer took before it."""
+
+    def __init__(self, timer: _StepTimer, dsl: dsl_tf.DynamicSparsity):
+        super().__init__()
+        self.timer, self.dsl, self.seconds = timer, dsl, []
+
+    def on_train_batch_end(self, batch, logs=None):
+        if len(self.dsl.explorations) > len(self.seconds):
+            self.seconds.append(time.process_time() - self.timer.cpu_before_dsl)
 
 
 def _rss_gib() -> float:
@@ -90,7 +104,8 @@ def main(argv: list[str] | None = None) -> dict:
     dsl = dsl_tf.DynamicSparsity(args.sparsity, update_interval=args.interval, end_step=steps + 1,
                                  growth="gradient" if args.growth_scores == "window" else "random", verbose=1)
     timer = _StepTimer()
-    model.fit(data, epochs=1, verbose=0, callbacks=[timer, dsl])
+    exploration_cpu = _ExplorationCpu(timer, dsl)
+    model.fit(data, epochs=1, verbose=0, callbacks=[timer, dsl, exploration_cpu])
 
     slots = [s for v in model.trainable_variables for s in dsl_tf.masks.optimizer_slots(model.optimizer, v)]
     table_vars = users.weights + [s for s in slots if s.shape == users.values.shape]
@@ -109,6 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
         "steps": len(timer.seconds),
         "median_step_seconds": float(np.median(timer.seconds[1:])),
         "exploration_seconds": [e["dsl_seconds"] for e in dsl.explorations],
+        "exploration_cpu_seconds": exploration_cpu.seconds,
         "swapped": [e["dsl_num_swapped"] for e in dsl.explorations],
         "active": dsl_tf.masks.active_count(users),
         "wall_seconds": time.perf_counter() - start,

@@ -13,6 +13,8 @@ Variants (``DynamicSparsity`` with gradient growth on every sparse one, explorat
 * ``masked+adam``: ``MaskedEmbedding`` (table + mask + scores) + Keras Adam (dsl-tf before compact storage);
 * ``compact+adam``: ``CompactMaskedEmbedding`` (exact scores) + Keras Adam (``trainers/train.py --method dsl``);
 * ``compact+lazy``: ``CompactMaskedEmbedding`` (exact scores) + LazyAdam (``--optimizer lazy_adam``);
+* ``compact+catchup``: ``CompactMaskedEmbedding`` (exact scores) + ``dsl_tf.CatchUpAdam`` (O(batch) steps that
+  equal Keras Adam's; ``--optimizer catch_up_adam``; each ``fit`` ends with a whole-table catch-up, timed);
 * ``int8+lazy``: ``CompactMaskedEmbedding(growth_scores="int8")`` + LazyAdam (scores in a byte per entry);
 * ``window+lazy``: ``CompactMaskedEmbedding(growth_scores="window")`` + LazyAdam (no table-sized scores).
 
@@ -38,7 +40,9 @@ import dsl_tf  # noqa: E402  (must precede tf.keras)
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-VARIANTS = ("dense+adam", "dense+lazy", "masked+adam", "compact+adam", "compact+lazy", "int8+lazy", "window+lazy")
+VARIANTS = ("dense+adam", "dense+lazy", "masked+adam", "compact+adam", "compact+lazy", "compact+catchup", "int8+lazy",
+            "window+lazy")
+OPTIMIZERS = {"adam": tf.keras.optimizers.Adam, "lazy": dsl_tf.LazyAdam, "catchup": dsl_tf.CatchUpAdam}
 
 
 def _table(variant: str, rows: int, dim: int, sparsity: float, name: str) -> tf.keras.layers.Layer:
@@ -79,7 +83,7 @@ def _data(kind: str, args) -> tf.data.Dataset:
 
 
 def _compile(model: _Model, kind: str, variant: str) -> None:
-    optimizer = dsl_tf.LazyAdam(1e-3) if variant.endswith("lazy") else tf.keras.optimizers.Adam(1e-3)
+    optimizer = OPTIMIZERS[variant.split("+")[1]](1e-3)
     loss = (tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True) if kind == "two_tower"
             else tf.keras.losses.BinaryCrossentropy(from_logits=True))
     model.compile(optimizer, loss)

@@ -24,11 +24,13 @@ from dsl_tf.schedules import (  # noqa: E402
     UpdateSchedule,
 )
 from dsl_tf.callbacks import DynamicSparsity  # noqa: E402
-from dsl_tf.optimizers import LazyAdam  # noqa: E402
+from dsl_tf.optimizers import CatchUp, CatchUpAdam, LazyAdam  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CatchUp",
+    "CatchUpAdam",
     "CompactMaskedEmbedding",
     "ConstantSchedule",
     "CosineSchedule",

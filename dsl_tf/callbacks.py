@@ -37,10 +37,19 @@ class DynamicSparsity(tf.keras.callbacks.Callback):
     interval** (a single batch only touches the rows it looks up, so it cannot rank the
     others) and, under a distribution strategy, over replicas.
 
+    With an optimizer whose rows absent from a batch lag behind until looked up
+    (:class:`dsl_tf.CatchUpAdam`), it builds the optimizer at ``on_train_begin`` (so that
+    compact tables read caught-up rows) and catches every row up before each exploration
+    (the prune ranks up-to-date magnitudes), at each epoch's end (before later callbacks),
+    before ``fit``'s validation and ``predict``, and at the end of ``fit``.
+
     Args:
       sparsity: target sparsity s in (0, 1), or a dict ``{layer.name: s}`` covering every
         masked layer (per-layer budgets only).
-      update_interval: ΔT ≥ 1, optimizer steps between explorations.
+      update_interval: ΔT ≥ 1, optimizer steps between explorations. ``None`` (default):
+        the rule ``max(1, end_step // 20)``, i.e. 20 explorations over the schedule, set at
+        each ``fit``'s first batch (on Gowalla, the optimum of ΔT ∈ {T/80, …, T/5}:
+        docs/BENCHMARKS.md, Fig. 3); the paper's runs used 2000–20000.
       initial_update_ratio: ρ0 in (0, 1].
       decay: ``"cosine"`` (paper), ``"linear"``, ``"constant"``, or an
         :class:`dsl_tf.UpdateSchedule` (which then carries ρ0 and the floor itself).
@@ -94,7 +103,7 @@ class DynamicSparsity(tf.keras.callbacks.Callback):
     def __init__(
         self,
         sparsity: float | Mapping[str, float] = 0.8,
-        update_interval: int = 2000,
+        update_interval: int | None = None,
         initial_update_ratio: float = 0.5,
         decay: str | UpdateSchedule = "cosine",
         end_step: int | None = None,
@@ -115,7 +124,8 @@ class DynamicSparsity(tf.keras.callbacks.Callback):
                         for name, value in sparsity.items()}
         else:
             sparsity = _check_sparsity(sparsity, "sparsity")
-        update_interval = _check_int(update_interval, "update_interval", 1)
+        if update_interval is not None:
+            update_interval = _check_int(update_interval, "update_interval", 1)
         if isinstance(decay, UpdateSchedule):
             schedule = decay
         elif decay in SCHEDULES:
@@ -140,7 +150,8 @@ class DynamicSparsity(tf.keras.callbacks.Callback):
         seed = _check_int(seed, "seed", 0)
         verbose = _check_int(verbose, "verbose", 0)
         self.sparsity = sparsity
-        self.update_interval = int(update_interval)
+        self.update_interval = update_interval
+        self._interval = update_interval  # resolved at each fit's first batch
         self.schedule = schedule
         self.end_step = end_step
         self.growth = growth
@@ -189,7 +200,8 @@ class DynamicSparsity(tf.keras.callbacks.Callback):
                 layer.build(None)
         self._layers = layers
         dense = _steps_touch_whole_variable(self.model.optimizer)
-        retrace = any([layer.unscale_scores_by(self.model.optimizer) for layer in layers])
+        retrace = prepare_catch_up(self.model)
+        retrace = any([layer.unscale_scores_by(self.model.optimizer) for layer in layers]) or retrace
         retrace = any([layer.use_dense_gradients(dense) for layer in layers if masks.is_compact(layer)]) or retrace
         if retrace:
             self.model.make_train_function(force=True)  # the loss scale and gradient density are read when tracing
@@ -240,16 +252,24 @@ class DynamicSparsity(tf.keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         step = self._step()
-        interval = self.update_interval
+        interval = self._interval
         if step // interval > self._last_step // interval and step < self._end_step:
             self._explore(step)
         self._last_step = step
 
     def on_epoch_end(self, epoch, logs=None):
+        catch_up_optimizer(self.model.optimizer)  # first: later callbacks may read the weights
         if logs is not None and self.explorations:
             logs.update(self.explorations[-1])
 
+    def on_test_begin(self, logs=None):  # fit's validation
+        catch_up_optimizer(self.model.optimizer)
+
+    def on_predict_begin(self, logs=None):
+        catch_up_optimizer(self.model.optimizer)
+
     def on_train_end(self, logs=None):
+        catch_up_optimizer(self.model.optimizer)
         for layer in self._layers:
             layer.score_tracking.assign(False)
             layer.unscale_scores_by(None)  # functions traced from now on (export) need no optimizer
@@ -286,12 +306,13 @@ class DynamicSparsity(tf.keras.callbacks.Callback):
             self._end_step = step + remaining
             how = f"inferred: this fit's last step, {step} + {remaining}"
         self._last_step = step
-        first = (step // self.update_interval + 1) * self.update_interval
+        self._interval = self.update_interval or max(1, self._end_step // 20)
+        first = (step // self._interval + 1) * self._interval
         if self.growth != "none" and first >= self._end_step:
             warnings.warn(
                 f"DynamicSparsity: this fit runs no exploration, the masks stay fixed: the "
                 f"optimizer is at step {step}, end_step={self._end_step} ({how}), "
-                f"update_interval={self.update_interval}, so the next exploration would be at "
+                f"update_interval={self._interval}, so the next exploration would be at "
                 f"step {first} >= end_step. Pass a later end_step or a smaller update_interval.",
                 UserWarning,
             )
@@ -311,6 +332,7 @@ class DynamicSparsity(tf.keras.callbacks.Callback):
 
     def _explore(self, step: int) -> None:
         start = time.perf_counter()
+        catch_up_optimizer(self.model.optimizer)  # the prune ranks up-to-date weights
         ratio = self.schedule(step, self._end_step)
         layers = self._layers
         groups = [list(range(len(layers)))] if self.budget == "global" else [[i] for i in range(len(layers))]
@@ -440,6 +462,29 @@ class DynamicSparsity(tf.keras.callbacks.Callback):
                 raise ValueError(
                     f"growth={self.growth!r} needs growth_scores in {needs}, but {layer.name!r} was built "
                     f"with growth_scores={layer.growth_scores_mode!r}")
+
+
+def catch_up_optimizer(optimizer) -> None:
+    """``catch_up()`` every optimizer inside ``optimizer`` that has one (e.g.
+    :class:`dsl_tf.CatchUpAdam`, whose rows absent from recent batches lag behind until
+    caught up): after it, every weight is what the optimizer's step defines. A no-op for
+    other optimizers and for None."""
+    if optimizer is None:
+        return
+    for leaf in masks.leaf_optimizers(optimizer):
+        catch_up = getattr(leaf, "catch_up", None)
+        if catch_up is not None:
+            catch_up()
+
+
+def prepare_catch_up(model: tf.keras.Model) -> bool:
+    """Let ``model``'s optimizer ``prepare(model)`` if it has that method (e.g.
+    :class:`dsl_tf.CatchUpAdam`: builds its slots so that compact tables read caught-up
+    values); True if the training step must be traced again. Only for an optimizer owning
+    every variable (itself or inside a ``LossScaleOptimizer``)."""
+    leaves = masks.leaf_optimizers(model.optimizer) if model.optimizer is not None else []
+    prepare = getattr(leaves[0], "prepare", None) if len(leaves) == 1 else None
+    return bool(prepare(model)) if prepare is not None else False
 
 
 def _steps_touch_whole_variable(optimizer) -> bool:

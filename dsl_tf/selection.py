@@ -16,7 +16,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import tensorflow as tf
 
-from dsl_tf.layers import PositionBitmap
+from dsl_tf.layers import PositionBitmap, map_chunks
 
 _NEG_INF = float("-inf")
 
@@ -127,6 +127,20 @@ def top_k_chunks(chunks: Callable[[], Iterable[tf.Tensor]], k: int, seed) -> Ite
         for _ in chunks():
             yield tf.zeros([0], tf.int64)
         return
+    chunks, threshold, chosen = _threshold(chunks, k, seed)
+    seen = 0
+    for chunk in chunks():
+        picked, count = _pick(_sortable(chunk), threshold, chosen, tf.constant(seen, tf.int64))
+        seen += int(count)
+        yield picked
+
+
+def _threshold(chunks: Callable[[], Iterable[tf.Tensor]], k: int, seed
+               ) -> tuple[Callable[[], Iterable[tf.Tensor]], tf.Tensor, tf.Tensor | None]:
+    """The radix select of :func:`top_k_chunks` (``k`` >= 1): ``(chunks, threshold, chosen)``,
+    the k-th largest key as an int32 order-preserving pattern and the ordinals (ascending, in
+    stream order) of the keys equal to it that are taken (None: all of them), from two
+    counting passes; ``chunks`` is the stream again (kept in memory if it is one chunk)."""
     high, kept = np.zeros(_BINS, np.int64), []
     for i, chunk in enumerate(chunks()):
         sortable = _sortable(chunk)
@@ -144,12 +158,7 @@ def top_k_chunks(chunks: Callable[[], Iterable[tf.Tensor]], k: int, seed) -> Ite
     bottom = _kth_bin(low, k - above_high)
     threshold = tf.constant(((top - _BINS // 2) << 16) | bottom, tf.int32)
     ties, need = int(low[bottom]), k - above_high - int(low[bottom + 1:].sum())
-    chosen = None if need == ties else _choose(ties, need, seed)
-    seen = 0
-    for chunk in chunks():
-        picked, count = _pick(_sortable(chunk), threshold, chosen, tf.constant(seen, tf.int64))
-        seen += int(count)
-        yield picked
+    return chunks, threshold, None if need == ties else _choose(ties, need, seed)
 
 
 _BINS = 1 << 16
@@ -276,14 +285,21 @@ def prune_and_grow(
 
 def _keep_after_prune(values: tf.Tensor, num_update: int, seed) -> tf.Tensor:
     """bool over ``values``: False for the ``num_update`` smallest ``|values|`` (the pruned),
-    ranked chunk by chunk (:func:`top_k_chunks`)."""
+    ranked by :func:`top_k_chunks`' radix select (same choice, ties included)."""
     n = int(tf.size(values, out_type=tf.int64))
+    if num_update <= 0:
+        return tf.ones([n], tf.bool)
     starts = range(0, n, CHUNK)
     keys = tf.concat([tf.zeros([0], tf.int32)] + [_sortable(-tf.abs(tf.cast(values[a:a + CHUNK], tf.float32)))
                                                   for a in starts], 0)  # 4 bytes per value, once
-    pruned = top_k_chunks(lambda: (keys[a:a + CHUNK] for a in starts), num_update, seed)
-    return tf.concat([tf.ones([0], tf.bool)] + [tf.logical_not(scatter_flags(min(CHUNK, n - a), idx))
-                                                for a, idx in zip(starts, pruned)], 0)
+    _, threshold, chosen = _threshold(lambda: (keys[a:a + CHUNK] for a in starts), num_update, seed)
+    # the pruned are the keys above the threshold and the chosen ties: one elementwise pass (multi-threaded),
+    # not top_k_chunks' indices scattered into flags; the ties are listed only when some of them stay
+    keep = keys < threshold
+    if chosen is None:
+        return keep
+    ties = tf.where(keys == threshold)[:, 0]
+    return tf.logical_or(keep, tf.logical_not(scatter_flags(n, tf.gather(ties, chosen))) & (keys == threshold))
 
 
 def _select(positions, values, size, grow_scores, num_update, seed, exclude_pruned):
@@ -360,13 +376,11 @@ def compact_prune_and_grow(
         return keep, [idx + r0 * dim for (r0, _), idx in zip(chunks, picked)]
     grown = tf.zeros([0], tf.int64)
     if growth == "window":
-        candidates, candidate_scores = layer.window_scores()
-        at, free = [tf.zeros([0], tf.int32)], [tf.zeros([0], tf.bool)]  # the candidates' free flags, by chunk
-        for (r0, r1), local, index in zip(chunks, *layer.split_by_chunk(candidates, chunks, with_index=True)):
-            if int(tf.size(local)):
-                at.append(index)
-                free.append(~PositionBitmap((r1 - r0) * dim, occupied(r0, r1)).contains(local))
-        free = tf.dynamic_stitch(at, free)  # back in the candidates' order
+        candidates, candidate_scores = layer.window_scores()  # whole rows: row i's entries at i · dim + col
+        # the candidates' occupied entries from the window rows' own entries: O(window), no pass over the chunks
+        value_index, slot = layer._entries(tf.reshape(candidates, [-1, dim])[:, 0] // dim)
+        taken = slot if exclude_pruned else tf.boolean_mask(slot, tf.gather(keep, value_index))
+        free = tf.logical_not(scatter_flags(tf.size(candidates, out_type=tf.int64), taken))
         candidates, keys = tf.boolean_mask(candidates, free), tf.abs(tf.boolean_mask(candidate_scores, free))
         grown = tf.gather(candidates, top_k_indices(keys, min(num_update, int(tf.size(keys))), seed + [2, 0]))
     grown_chunks = [grown]
@@ -377,12 +391,12 @@ def compact_prune_and_grow(
         held = v1 - v0 if exclude_pruned else int(tf.math.count_nonzero(keep[v0:v1], dtype=tf.int64))
         free_counts.append((r1 - r0) * dim - held - int(tf.size(mine)))
     shares = quotas(free_counts, num_update - int(tf.size(grown)))
-    for c, ((r0, r1), mine, quota) in enumerate(zip(chunks, in_chunk, shares)):
-        if quota:
-            taken = tf.concat([occupied(r0, r1), mine], 0)
-            drawn = random_free_positions((r1 - r0) * dim, taken, quota, _fold(seed + [3, 0], c))
-            grown_chunks.append(drawn + r0 * dim)
-    return keep, grown_chunks
+
+    def draw(c: int) -> tf.Tensor:
+        (r0, r1), taken = chunks[c], tf.concat([occupied(*chunks[c]), in_chunk[c]], 0)
+        return random_free_positions((r1 - r0) * dim, taken, shares[c], _fold(seed + [3, 0], c)) + r0 * dim
+
+    return keep, grown_chunks + map_chunks(draw, [c for c, quota in enumerate(shares) if quota])
 
 
 def random_free_positions(size: int, taken: tf.Tensor, count: int, seed, max_rounds: int = 50) -> tf.Tensor:
@@ -397,19 +411,20 @@ def random_free_positions(size: int, taken: tf.Tensor, count: int, seed, max_rou
     if count > free:
         raise ValueError(f"cannot draw {count} free positions: only {free} of {size} are free")
     occupied = PositionBitmap(size, taken)
-    found = tf.zeros([0], tf.int64)
+    dtype = tf.int32 if size < 2**31 else tf.int64  # int32 draws: tf.unique's hashing 0.77x the CPU
+    found = tf.zeros([0], dtype)
     for round_ in range(max_rounds):
         need = count - int(tf.size(found))
         if need <= 0:
             break
         draws = int(need * size / max(free - int(tf.size(found)), 1) * 1.25) + 64
         sample = tf.random.stateless_uniform([draws], seed=_fold(seed, round_), minval=0, maxval=int(size),
-                                             dtype=tf.int64)
+                                             dtype=dtype)
         sample = tf.boolean_mask(sample, tf.logical_not(occupied.contains(sample)))
         found = tf.unique(tf.concat([found, sample], 0)).y  # keeps first occurrences, in order
     else:
         raise RuntimeError(f"random_free_positions: {count} positions not found in {max_rounds} rounds")
-    return found[:count]
+    return tf.cast(found[:count], tf.int64)
 
 
 def magnitude_mask(weights: tf.Tensor, num_active: int, seed: tuple[int, int]) -> tf.Tensor:

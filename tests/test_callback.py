@@ -58,6 +58,19 @@ def test_end_step_cannot_be_inferred_from_unknown_cardinality():
     model.fit(ds, epochs=2, verbose=0, callbacks=[DynamicSparsity(0.5, 1, end_step=4)])
 
 
+def test_default_update_interval_is_a_twentieth_of_the_planned_steps():
+    """update_interval=None: ΔT = end_step // 20 (20 explorations over the schedule), resolved per fit."""
+    model = _model(100, 4)
+    cb = DynamicSparsity(0.5)
+    model.fit(np.arange(100)[:, None], np.ones((100, 1)), batch_size=10, epochs=10, verbose=0, callbacks=[cb])
+    assert [e["dsl_step"] for e in cb.explorations] == list(range(5, 100, 5))  # 100 steps: ΔT = 5, 19 before the end
+    assert cb.get_config()["update_interval"] is None
+    fixed = DynamicSparsity(0.5, 20)
+    _model(100, 4).fit(np.arange(100)[:, None], np.ones((100, 1)), batch_size=10, epochs=10, verbose=0,
+                       callbacks=[fixed])
+    assert [e["dsl_step"] for e in fixed.explorations] == [20, 40, 60, 80]
+
+
 def test_sparsity_dict_must_name_every_layer():
     model = _two_table_model()
     model.compile("sgd", "mse")

@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 import dsl_tf
-from dsl_tf import optimizers
+from dsl_tf import masks, optimizers
 from dsl_tf.optimizers import LazyAdam
 
 LR, B1, B2, EPS = 0.01, 0.9, 0.999, 1e-7
@@ -305,3 +305,221 @@ def test_exported_from_package_and_docstring_examples():
     assert dsl_tf.LazyAdam is LazyAdam and "LazyAdam" in dsl_tf.__all__
     results = doctest.testmod(optimizers)
     assert results.attempted >= 5 and results.failed == 0
+
+
+# ------------------------------------------------------------------ CatchUpAdam
+# Tolerance against Keras Adam on the same dense gradients, float32, weights ~N(0, 1), 60 steps
+# at lr 0.01: |Δw| <= 5e-6 (float32 rounding of 60 steps differs; LazyAdam is off by ~0.1),
+# |Δm|, |Δv| <= 1e-6 (moments up to ~1).
+W_ATOL, SLOT_ATOL = 5e-6, 1e-6
+
+
+def _adam_twins(init: np.ndarray, amsgrad: bool = False):
+    """(CatchUpAdam, LazyAdam, Keras Adam), each with its own copy of ``init``."""
+    return [(opt, tf.Variable(init)) for opt in (dsl_tf.CatchUpAdam(LR, amsgrad=amsgrad),
+                                                  LazyAdam(LR, amsgrad=amsgrad),
+                                                  tf.keras.optimizers.Adam(LR, amsgrad=amsgrad))]
+
+
+def _max_diff(opt, var, ref_opt, ref_var) -> dict:
+    ours, theirs = {"w": var.numpy(), **_slots(opt, var)}, {"w": ref_var.numpy(), **_slots(ref_opt, ref_var)}
+    return {name: float(np.abs(ours[name] - theirs[name]).max()) for name in ours}
+
+
+def _sparse_steps(rng, rows: int, steps: int):
+    """Row ids per step: repeats within a batch; rows of the second half skipped for the
+    first half of the steps, then only now and then; a few rows never."""
+    out = []
+    for step in range(steps):
+        high = rows // 2 if step < steps // 2 else rows - 2
+        ids = rng.integers(0, high, rng.integers(2, 9))
+        out.append(np.append(ids, ids[0]))
+    return out
+
+
+@pytest.mark.parametrize("amsgrad", [False, True], ids=["adam", "amsgrad"])
+@pytest.mark.parametrize("shape", [(30, 4), (40,)], ids=["table", "vector"])
+def test_catch_up_adam_equals_keras_adam_on_dense_gradients(shape, amsgrad):
+    rng = np.random.default_rng(10)
+    init = rng.normal(size=shape).astype(np.float32)
+    (ours, var), (lazy, lazy_var), (adam, adam_var) = _adam_twins(init, amsgrad)
+    for step, ids in enumerate(_sparse_steps(rng, shape[0], 60)):
+        grad = tf.IndexedSlices(tf.constant(rng.normal(size=(len(ids),) + shape[1:]), tf.float32),
+                                tf.constant(ids), tf.constant(shape))
+        dense = tf.convert_to_tensor(grad)
+        ours.apply_gradients([(dense if step == 40 else grad, var)])  # one dense step: catches up all
+        lazy.apply_gradients([(grad, lazy_var)])
+        adam.apply_gradients([(dense, adam_var)])
+    assert _max_diff(ours, var, adam, adam_var)["w"] > 1e-3  # rows not looked up lag behind ...
+    ours.catch_up()  # ... until caught up
+    diff = _max_diff(ours, var, adam, adam_var)
+    assert diff["w"] <= W_ATOL and max(diff[k] for k in diff if k != "w") <= SLOT_ATOL, diff
+    assert _max_diff(lazy, lazy_var, adam, adam_var)["w"] > 1e-2  # LazyAdam is not Adam
+    np.testing.assert_array_equal(ours._last_steps["0"].numpy(), 60)
+
+
+def _compact_table(seed: int) -> dsl_tf.CompactMaskedEmbedding:
+    tf.keras.utils.set_random_seed(seed)
+    layer = dsl_tf.CompactMaskedEmbedding(30, 8, sparsity=0.6, growth_scores="none")
+    layer.build(None)
+    rng = np.random.default_rng(seed)  # a random layout with rows of 0..8 active entries
+    layer.set_layout(tf.constant(rng.choice(30 * 8, layer.budget, replace=False), tf.int64))
+    return layer
+
+
+def test_catch_up_adam_equals_keras_adam_on_a_compact_table():
+    """values' IndexedSlices index value positions: their rows come from the layout."""
+    rng = np.random.default_rng(11)
+    layers = [_compact_table(3) for _ in range(3)]
+    opts = [dsl_tf.CatchUpAdam(LR), LazyAdam(LR), tf.keras.optimizers.Adam(LR)]
+    steps = _sparse_steps(rng, 30, 60)
+    for ids in steps:
+        ids = tf.constant(ids)
+        target = tf.constant(rng.normal(size=(len(ids), 8)), tf.float32)
+        for layer, opt in zip(layers, opts):
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_sum(tf.square(layer(ids) - target))
+            grad = tape.gradient(loss, layer.values)
+            assert isinstance(grad, tf.IndexedSlices)
+            opt.apply_gradients([(grad if opt is not opts[2] else tf.convert_to_tensor(grad), layer.values)])
+    (ours, lazy, adam), (table, lazy_table, adam_table) = opts, layers
+    assert ours._last_steps["0"].shape == [30]  # one step counter per row, not per value
+    ours.catch_up()
+    diff = _max_diff(ours, table.values, adam, adam_table.values)
+    assert diff["w"] <= W_ATOL and diff["m"] <= SLOT_ATOL and diff["v"] <= SLOT_ATOL, diff
+    assert _max_diff(lazy, lazy_table.values, adam, adam_table.values)["w"] > 1e-2
+
+
+def test_catch_up_adam_step_touches_only_the_looked_up_rows():
+    rng = np.random.default_rng(12)
+    var = tf.Variable(rng.normal(size=(10, 3)).astype(np.float32))
+    opt = dsl_tf.CatchUpAdam(LR)
+    everything = tf.IndexedSlices(tf.constant(rng.normal(size=(10, 3)), tf.float32), tf.range(10))
+    opt.apply_gradients([(everything, var)])  # every row has moments
+    before = {"w": var.numpy(), **_slots(opt, var), "last": opt._last_steps["0"].numpy()}
+    touched = [4, 2, 4]
+    opt.apply_gradients([(tf.IndexedSlices(tf.constant(rng.normal(size=(3, 3)), tf.float32),
+                                           tf.constant(touched)), var)])
+    after = {"w": var.numpy(), **_slots(opt, var), "last": opt._last_steps["0"].numpy()}
+    rest = np.setdiff1d(np.arange(10), touched)
+    for name in before:
+        np.testing.assert_array_equal(after[name][rest], before[name][rest])
+        assert np.all(after[name][[2, 4]] != before[name][[2, 4]])
+    assert after["last"].tolist() == [1, 1, 2, 1, 2, 1, 1, 1, 1, 1]
+
+
+def _dsl_fit(optimizer, storage: str) -> tuple[list, tf.keras.Model]:
+    tf.keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(13)
+    users, items = rng.zipf(1.5, 480) % 40, rng.zipf(1.3, 480) % 60  # skewed: rows skipped for many steps
+    labels = rng.normal(size=480).astype(np.float32)
+    u, i = tf.keras.Input((), dtype="int64"), tf.keras.Input((), dtype="int64")
+    make = (lambda n, name: dsl_tf.CompactMaskedEmbedding(n, 8, sparsity=0.75, name=name)) if storage == "compact" \
+        else (lambda n, name: dsl_tf.MaskedEmbedding(n, 8, name=name))
+    tables = [make(n, name) for n, name in ((40, "u"), (60, "i"))]
+    model = tf.keras.Model([u, i], tf.reduce_sum(tables[0](u) * tables[1](i), axis=-1))
+    model.compile(optimizer, "mse")
+    callback = dsl_tf.DynamicSparsity(0.75, update_interval=7, seed=1)
+    model.fit((users, items), labels, batch_size=32, epochs=3, verbose=0, shuffle=False, callbacks=[callback])
+    assert len(callback.explorations) == 6  # steps 7, 14, ..., 42 of 45
+    return [_state_of(t) for t in tables], model
+
+
+def _state_of(table) -> dict:
+    if masks.is_compact(table):
+        return {"row_splits": table.row_splits.numpy(), "col_ids": table.col_ids.numpy(), "w": table.values.numpy()}
+    return {"mask": table.mask.numpy(), "w": table.embeddings.numpy()}
+
+
+@pytest.mark.parametrize("storage", ["compact", "dense"])
+def test_dynamic_sparsity_with_catch_up_adam_gives_keras_adams_masks_and_values(storage, monkeypatch):
+    """The forward pass reads caught-up rows and the prune ranks caught-up magnitudes:
+    DynamicSparsity builds the optimizer first, catches up before each exploration and at
+    the end of fit."""
+    adam_tables, _ = _dsl_fit(tf.keras.optimizers.Adam(0.05), storage)
+    tables, model = _dsl_fit(dsl_tf.CatchUpAdam(0.05), storage)
+    for ours, theirs in zip(tables, adam_tables):
+        for name in ours:
+            if name == "w":
+                np.testing.assert_allclose(ours[name], theirs[name], rtol=0, atol=2e-5)
+            else:
+                np.testing.assert_array_equal(ours[name], theirs[name])
+    assert min(int(tf.reduce_min(s)) for s in model.optimizer._last_steps.values()) == 45
+
+    monkeypatch.setattr(dsl_tf.callbacks, "catch_up_optimizer", lambda optimizer: None)
+    stale, _ = _dsl_fit(dsl_tf.CatchUpAdam(0.05), storage)  # without catching up: other masks
+    assert any(np.any(s[k] != t[k]) for s, t in zip(stale, adam_tables) for k in s if k != "w")
+
+
+def test_catch_up_adam_config_checkpoint_and_errors(tmp_path):
+    opt = dsl_tf.CatchUpAdam(0.02, beta_1=0.8, beta_2=0.99, epsilon=1e-6, adaptive_epsilon=True, amsgrad=True)
+    config = opt.get_config()
+    assert config["name"] == "CatchUpAdam" and config["adaptive_epsilon"] is True
+    restored = tf.keras.optimizers.deserialize(tf.keras.optimizers.serialize(opt))
+    assert type(restored) is dsl_tf.CatchUpAdam and restored.get_config() == config
+    assert tf.keras.utils.get_registered_name(dsl_tf.CatchUpAdam) == "dsl_tf>CatchUpAdam"
+    for kwargs, named in (({"weight_decay": 0.1}, "weight_decay=0.1"), ({"use_ema": True}, "use_ema=True"),
+                          ({"beta_1": 0.95, "beta_2": 0.9}, "beta_1=0.95")):
+        with pytest.raises(ValueError, match=named):
+            dsl_tf.CatchUpAdam(**kwargs)
+
+    rng = np.random.default_rng(14)
+    batches = [(rng.integers(0, 4, 3), rng.normal(size=(3, 2)).astype(np.float32)) for _ in range(6)]
+
+    def run(opt, var, part):
+        for ids, values in part:
+            opt.apply_gradients([(tf.IndexedSlices(tf.constant(values), tf.constant(ids), tf.constant([8, 2])), var)])
+
+    var, opt = tf.Variable(tf.ones([8, 2])), dsl_tf.CatchUpAdam(LR)
+    run(opt, var, batches[:3])
+    path = tf.train.Checkpoint(var=var, optimizer=opt).write(str(tmp_path / "ckpt"))
+    run(opt, var, batches[3:])
+    var2, opt2 = tf.Variable(tf.zeros([8, 2])), dsl_tf.CatchUpAdam(LR)
+    opt2.build([var2])
+    tf.train.Checkpoint(var=var2, optimizer=opt2).read(path).assert_consumed()  # row steps included
+    run(opt2, var2, batches[3:])
+    for o, v in ((opt, var), (opt2, var2)):
+        o.catch_up()
+    np.testing.assert_array_equal(var2.numpy(), var.numpy())
+
+
+_MIRRORED_CATCH_UP = """
+import json
+import numpy as np
+import dsl_tf, tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+rng = np.random.default_rng(15)
+init = rng.normal(size=(12, 3)).astype(np.float32)
+steps = [[(rng.integers(0, 6 if s < 5 else 12, 3), rng.normal(size=(3, 3)).astype(np.float32)) for _ in range(2)]
+         for s in range(10)]
+with strategy.scope():
+    table = tf.Variable(init)
+    opt = dsl_tf.CatchUpAdam(0.01)
+twin, adam = tf.Variable(init), tf.keras.optimizers.Adam(0.01)
+
+@tf.function
+def train(ids, values):
+    strategy.run(lambda i, v: opt.apply_gradients([(tf.IndexedSlices(v, i, tf.constant([12, 3], tf.int64)), table)]),
+                 args=(ids, values))
+
+for parts in steps:
+    ids, values = (strategy.experimental_distribute_values_from_function(
+        lambda ctx, k=k: tf.constant(parts[ctx.replica_id_in_sync_group][k])) for k in range(2))
+    train(ids, values)
+    dense = sum(tf.convert_to_tensor(tf.IndexedSlices(tf.constant(v), tf.constant(i), tf.constant([12, 3])))
+                for i, v in parts)  # gradients summed over the replicas
+    adam.apply_gradients([(dense, twin)])
+opt.catch_up()
+print("RESULT" + json.dumps({"replicas": [v.numpy().tolist() for v in table.values], "adam": twin.numpy().tolist()}))
+"""
+
+
+def test_catch_up_adam_under_mirrored_strategy_equals_keras_adam(python_subprocess):
+    proc = python_subprocess(_MIRRORED_CATCH_UP, env={"CUDA_VISIBLE_DEVICES": ""}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.split("RESULT", 1)[1])
+    for replica in out["replicas"]:
+        np.testing.assert_allclose(replica, out["adam"], rtol=0, atol=W_ATOL)
+    np.testing.assert_array_equal(out["replicas"][0], out["replicas"][1])

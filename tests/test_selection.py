@@ -187,6 +187,44 @@ def test_compact_chunked_selection_matches_the_dense_one(rows, dim, sparsity, ra
     np.testing.assert_array_equal(layer.positions().numpy(), expected)
 
 
+def test_chunks_on_threads_choose_and_lay_out_what_one_thread_does(monkeypatch):
+    """Random growth and the layout rebuild by 5 row chunks of 64 rows, on 1 or 2 threads
+    (layers.map_chunks): the same grown positions, layout and sources, every swap exact."""
+    from dsl_tf import layers
+
+    rng = np.random.default_rng(3)
+    rows, dim = 300, 4
+    old = np.sort(rng.choice(rows * dim, 360, replace=False))
+    weights = rng.permutation(360).astype(np.float32)
+    monkeypatch.setattr(selection, "CHUNK", 128)
+    results = []
+    for workers in (1, 2):
+        monkeypatch.setattr(layers, "CHUNK_WORKERS", workers)
+        layer = dsl_tf.CompactMaskedEmbedding(rows, dim, sparsity=0.7, growth_scores="none")
+        layer.build(None)
+        layer.set_layout(tf.constant(old, tf.int64))
+        layer.values.assign(weights)
+        keep, grown = selection.compact_prune_and_grow(layer, 100, (4, 2), "random")
+        grown = np.concatenate([g.numpy() for g in grown])
+        source, regrown = layer.rebuild_layout(keep, [tf.constant(grown)], max_entries=128)
+        assert len(layer.row_chunks(128)) == 5 and len(grown) == len(set(grown.tolist())) == 100
+        kept = old[keep.numpy()]
+        assert np.sum(~keep.numpy()) == 100 and not set(grown.tolist()) & set(kept.tolist())
+        np.testing.assert_array_equal(layer.positions().numpy(), np.sort(np.concatenate([kept, grown])))
+        assert regrown == len(np.intersect1d(grown, old[~keep.numpy()]))
+        results.append((grown, layer.positions().numpy(), source.numpy()))
+    for a, b in zip(*results):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_chunks_of_2_31_entries_are_refused():
+    """A chunk's layout marks its entries in int32: max_entries >= 2^31 is a clear error (checked
+    before any variable is read, so an unbuilt layer of 2^26 x 64 entries shows it)."""
+    layer = dsl_tf.CompactMaskedEmbedding(2**26, 64, sparsity=0.99)
+    with pytest.raises(ValueError, match=r"row chunks of max_entries=4294967296 hold 2\^31 entries or more"):
+        layer.rebuild_layout(None, [], max_entries=2**32)
+
+
 def test_top_k_indices_orders_every_float_like_numpy():
     keys = np.array([-np.inf, -3.5, -1e-30, -0.0, 0.0, 1e-30, 2.0, 7.25, np.inf, -2.0, 2.0], np.float32)
     order = np.argsort(-keys, kind="stable")

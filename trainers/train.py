@@ -85,7 +85,7 @@ from trainers.models import MODELS, Recommender, build_model  # noqa: E402
 
 STORAGES = ("compact", "dense")
 GROWTH_SCORES = ("dense", "int8", "window")
-OPTIMIZERS = {"lazy_adam": dsl_tf.LazyAdam, "adam": tf.keras.optimizers.Adam}
+OPTIMIZERS = {"lazy_adam": dsl_tf.LazyAdam, "adam": tf.keras.optimizers.Adam, "catch_up_adam": dsl_tf.CatchUpAdam}
 """``--optimizer``: the optimizer class of every method, called with the learning rate."""
 
 MODEL_DEFAULTS: dict[str, dict] = {
@@ -113,7 +113,8 @@ class TrainConfig:
     ``growth_scores`` that of compact DSL tables (``"dense"``: exact, ``"int8"``: quantised to
     a byte per entry, ``"window"``: the last rows only), ``optimizer`` the one of every method (``"adam"``: Keras Adam, the default;
     ``"lazy_adam"``: ``dsl_tf.LazyAdam``, O(batch) steps, but 10–22 % lower Recall@20 on
-    synthetic two_tower at 5 epochs with the same learning rate). ``schedule_epochs``: the
+    synthetic two_tower at 5 epochs with the same learning rate; ``"catch_up_adam"``: ``dsl_tf.CatchUpAdam``,
+    Keras Adam's result with O(batch) steps on compact tables). ``schedule_epochs``: the
     length the sparsity schedules are planned over (default ``epochs``); ``early_stopping``
     and ``es_*``: see the module docstring (``epochs`` is then the budget). ``explore_until``:
     the fraction of the planned steps after which DSL and SET stop exploring (their
@@ -421,7 +422,7 @@ def _fit(cfg: TrainConfig, fit_data, eval_csr, tb_dir: Path, select_on=None) -> 
     dataset = model.make_dataset(fit_data, cfg.batch_size, cfg.seed, repeat=True)  # one iterator per fit
     macs = MacCounter(model.train_cost(cfg.batch_size), examples, steps_per_epoch, method.mask_update_every(ctx))
     timer = EpochTimer()
-    callbacks: list = [timer, macs, EpochTensorBoard(str(tb_dir))]
+    callbacks: list = [timer, dsl_tf.CatchUp(), macs, EpochTensorBoard(str(tb_dir))]  # weights caught up first
     stopper = evaluator = None
     if select_on is not None:
         start_epoch = method.selectable_from(ctx)
@@ -610,8 +611,8 @@ def parser() -> argparse.ArgumentParser:
                    help="compact DSL growth scores: exact over the table (4 bytes per entry), int8 (1 byte per "
                         "entry), or over the last looked-up rows only")
     p.add_argument("--optimizer", default="adam", choices=list(OPTIMIZERS),
-                   help="every method: Keras adam, or lazy_adam (O(batch) steps on embedding rows; "
-                        "lower Recall at the same lr so far)")
+                   help="every method: Keras adam, lazy_adam (O(batch) steps on embedding rows; "
+                        "lower Recall at the same lr so far) or catch_up_adam (Adam, O(batch) steps)")
     p.add_argument("--sparsity", type=float, default=0.8, help="target fraction of pruned embedding entries")
     p.add_argument("--epochs", type=int, default=None, help="training epochs (default: per model)")
     p.add_argument("--batch-size", type=int, default=None, help="batch size (default: per model)")
