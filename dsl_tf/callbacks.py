@@ -74,6 +74,9 @@ class DynamicSparsity(tf.keras.callbacks.Callback):
         fresh optimizer state). ``True``: grow only among entries inactive before the
         exploration; the swap is then capped at the inactive count (a ``RuntimeWarning``
         says when the cap bites, e.g. at low sparsity).
+      prune_by: ``"magnitude"`` (the paper's: smallest ``|w|``) or ``"row_relative"``
+        (smallest ``|w| / ‖row‖₂``: an entry's share of its row, for models that
+        L2-normalise the looked-up rows, where a row's raw scale does not reach the score).
       seed: seed of the initial masks and random tie-breaking / growth. Masks depend only
         on ``(seed, step)``, so runs are reproducible and replicas agree.
       verbose: 0 silent, 1 one line per exploration.
@@ -112,6 +115,7 @@ class DynamicSparsity(tf.keras.callbacks.Callback):
         budget: str = "per_layer",
         momentum: float = 0.9,
         exclude_pruned: bool = False,
+        prune_by: str = "magnitude",
         seed: int = 0,
         verbose: int = 0,
         log_dir: str | None = None,
@@ -160,6 +164,9 @@ class DynamicSparsity(tf.keras.callbacks.Callback):
         if not isinstance(exclude_pruned, bool):
             raise ValueError(f"exclude_pruned must be a bool, got {exclude_pruned!r}")
         self.exclude_pruned = exclude_pruned
+        if prune_by not in selection.PRUNE_CRITERIA:
+            raise ValueError(f"prune_by must be one of {selection.PRUNE_CRITERIA}, got {prune_by!r}")
+        self.prune_by = prune_by
         self.seed = int(seed)
         self.verbose = int(verbose)
         self.log_dir = log_dir
@@ -182,6 +189,7 @@ class DynamicSparsity(tf.keras.callbacks.Callback):
             "budget": self.budget,
             "momentum": self.momentum,
             "exclude_pruned": self.exclude_pruned,
+            "prune_by": self.prune_by,
             "seed": self.seed,
             "verbose": self.verbose,
             "log_dir": self.log_dir,
@@ -385,6 +393,9 @@ class DynamicSparsity(tf.keras.callbacks.Callback):
         if not self._ready(names, step, weights, scores):
             return 0, {name: 0.0 for name in names}
         num = self._swap_count(masks.count_active(mask), int(mask.shape[0]), ratio, step, names)
+        if self.prune_by == "row_relative":  # rank each entry by its share of its row
+            weights = tf.concat([tf.reshape(selection.row_relative(l.embeddings * tf.cast(l.mask, l.embeddings.dtype)),
+                                            [-1]) for l in layers], 0)
         new_mask, _, grown = selection.prune_and_grow(
             mask, weights, scores, num, (self.seed, step * 97 + group), self.exclude_pruned)
         regrown = tf.logical_and(mask, selection.scatter_flags(tf.size(mask), grown))  # just pruned, grown again
@@ -414,8 +425,9 @@ class DynamicSparsity(tf.keras.callbacks.Callback):
             return 0, {layer.name: 0.0}
         size = layer.input_dim * layer.output_dim
         num = self._swap_count(layer.budget, size, ratio, step, [layer.name])
+        keys = selection.row_relative_values(values, layer.row_splits) if self.prune_by == "row_relative" else None
         keep, grown = selection.compact_prune_and_grow(
-            layer, num, (self.seed, step * 97 + group), source, self.exclude_pruned)
+            layer, num, (self.seed, step * 97 + group), source, self.exclude_pruned, keys)
         regrown = masks.apply_compact_update(layer, keep, grown, self.model.optimizer)
         return num, {layer.name: 2 * (num - regrown) / size}
 

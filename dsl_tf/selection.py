@@ -332,12 +332,14 @@ def compact_prune_and_grow(
     seed: tuple[int, int],
     growth: str = "scores",
     exclude_pruned: bool = False,
+    prune_keys: tf.Tensor | None = None,
 ) -> tuple[tf.Tensor, list[tf.Tensor]]:
     """:func:`prune_and_grow` on a :class:`dsl_tf.CompactMaskedEmbedding`, by row chunks of at
     most :data:`CHUNK` entries, so that memory is O(budget + chunk): no tensor of the table's
     size is made (except the layer's own ``growth_scores`` if it keeps them).
 
-    Pruning ranks the active values (smallest ``|w|``). Growth, among the entries free
+    Pruning ranks the active values (smallest ``|w|``; or ``prune_keys``, ``[budget]``, e.g.
+    :func:`row_relative_values`). Growth, among the entries free
     after the prune (or before it, ``exclude_pruned``):
 
     * ``"scores"``: the largest accumulated ``|scores|`` (``growth_scores`` ``"dense"``, the
@@ -356,7 +358,8 @@ def compact_prune_and_grow(
         raise ValueError(f"growth must be one of {GROWTH_SOURCES}, got {growth!r}")
     seed = tf.constant(seed, tf.int64)
     num_update = int(num_update)
-    keep = _keep_after_prune(tf.convert_to_tensor(layer.values), num_update, seed)
+    keep = _keep_after_prune(tf.convert_to_tensor(layer.values if prune_keys is None else prune_keys), num_update,
+                             seed)
     chunks = layer.row_chunks(CHUNK)
 
     def occupied(r0: int, r1: int) -> tf.Tensor:  # local flat positions of the chunk's occupied entries
@@ -397,6 +400,36 @@ def compact_prune_and_grow(
         return random_free_positions((r1 - r0) * dim, taken, shares[c], _fold(seed + [3, 0], c)) + r0 * dim
 
     return keep, grown_chunks + map_chunks(draw, [c for c, quota in enumerate(shares) if quota])
+
+
+PRUNE_CRITERIA = ("magnitude", "row_relative")
+
+
+def row_relative(weights: tf.Tensor) -> tf.Tensor:
+    """``weights [rows, dim]`` divided by their rows' L2 norms (rows of zeros stay 0): the
+    pruning key of ``prune_by="row_relative"``, for models that L2-normalise the looked-up
+    rows (e.g. two-tower towers), where an entry's share of its row, not its raw size, is
+    what it contributes to a score.
+
+    >>> row_relative(tf.constant([[3.0, 4.0], [0.3, 0.4], [0.0, 0.0]])).numpy().round(2).tolist()
+    [[0.6, 0.8], [0.6, 0.8], [0.0, 0.0]]
+    """
+    weights = tf.cast(weights, tf.float32)
+    return tf.math.divide_no_nan(weights, tf.norm(weights, axis=-1, keepdims=True))
+
+
+def row_relative_values(values: tf.Tensor, row_splits: tf.Tensor) -> tf.Tensor:
+    """:func:`row_relative` for a compact table's ``values [budget]`` laid out by
+    ``row_splits [rows + 1]`` (whole-budget work, at explorations only).
+
+    >>> row_relative_values(tf.constant([3.0, 4.0, 0.5]), tf.constant([0, 2, 2, 3], tf.int64)).numpy().tolist()
+    [0.6000000238418396, 0.800000011920929, 1.0]
+    """
+    values = tf.cast(values, tf.float32)
+    lengths = tf.cast(row_splits[1:] - row_splits[:-1], tf.int32)
+    rows = tf.repeat(tf.range(tf.size(lengths)), lengths)  # int32 row of every value
+    norms = tf.sqrt(tf.math.unsorted_segment_sum(tf.square(values), rows, tf.size(lengths)))
+    return tf.math.divide_no_nan(values, tf.gather(norms, rows))
 
 
 def random_free_positions(size: int, taken: tf.Tensor, count: int, seed, max_rounds: int = 50) -> tf.Tensor:

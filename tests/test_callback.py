@@ -484,3 +484,55 @@ def test_low_sparsity_swaps_the_full_ratio_and_warns_only_when_capped():
     with pytest.warns(RuntimeWarning, match=r"only 72 of the 323 entries due .* caps the swap"):
         model.fit(x, y, batch_size=30, epochs=1, verbose=0, callbacks=[capped])
     assert capped.explorations[0]["dsl_num_swapped"] == 72
+
+
+class _Plant(tf.keras.callbacks.Callback):
+    """After DynamicSparsity's on_train_begin: the active entries take ``weights``; records the mask."""
+
+    def __init__(self, layer, weights):
+        super().__init__()
+        self.layer, self.weights, self.before = layer, weights, None
+
+    def on_train_begin(self, logs=None):
+        mask = self.layer.dense_mask().numpy().astype(bool)
+        if isinstance(self.layer, dsl_tf.CompactMaskedEmbedding):
+            self.layer.values.assign(self.weights[mask])  # values in flat position order
+        else:
+            self.layer.embeddings.assign(self.weights * mask)
+        self.before = mask
+
+
+@pytest.mark.parametrize("storage", ["dense", "compact"])
+def test_row_relative_pruning_ranks_each_entry_by_its_share_of_its_row(storage):
+    """prune_by="row_relative" prunes the active entries with the smallest |w| / ‖row‖ (rows of very
+    different scales: "magnitude" prunes whole small rows instead); both storages choose the same."""
+    rng = np.random.default_rng(3)
+    rows, dim = 20, 8
+    weights = ((np.arange(rows) + 1.0) ** 2)[:, None] * rng.uniform(0.5, 1.5, (rows, dim)) * rng.choice([-1, 1], (rows, dim))
+    weights = weights.astype(np.float32)
+    pruned = {}
+    for prune_by in ("row_relative", "magnitude"):
+        tf.keras.utils.set_random_seed(0)
+        table = (dsl_tf.CompactMaskedEmbedding(rows, dim, sparsity=0.5) if storage == "compact"
+                 else MaskedEmbedding(rows, dim))
+        model = tf.keras.Sequential([tf.keras.Input((1,), dtype="int64"), table, tf.keras.layers.Flatten(),
+                                     tf.keras.layers.Dense(1)])
+        model.compile(tf.keras.optimizers.SGD(0.0), "mse")  # weights stay as planted
+        plant = _Plant(table, weights)
+        dsl = DynamicSparsity(0.5, update_interval=2, end_step=3, decay="constant", growth="random",
+                              exclude_pruned=True, prune_by=prune_by)
+        model.fit(np.arange(30)[:, None] % rows, np.zeros((30, 1)), batch_size=10, epochs=1, verbose=0,
+                  callbacks=[dsl, plant])
+        before, after = plant.before, table.dense_mask().numpy().astype(bool)
+        pruned[prune_by] = before & ~after
+        assert after.sum() == before.sum() == rows * dim // 2
+        assert pruned[prune_by].sum() == rows * dim // 4  # ρ = 0.5 of the 80 active
+        share = np.abs(weights * before) / np.linalg.norm(weights * before, axis=1, keepdims=True)
+        key = share if prune_by == "row_relative" else np.abs(weights)
+        expected = np.zeros_like(before)
+        flat = np.flatnonzero(before)
+        expected.flat[flat[np.argsort(key.flat[flat])[: rows * dim // 4]]] = True
+        np.testing.assert_array_equal(pruned[prune_by], expected)
+    assert pruned["magnitude"][:5].sum() > pruned["row_relative"][:5].sum()  # small rows lose less by share
+    with pytest.raises(ValueError, match=r"prune_by must be one of \('magnitude', 'row_relative'\), got 'norm'"):
+        DynamicSparsity(prune_by="norm")

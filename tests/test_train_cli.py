@@ -12,7 +12,7 @@ import pytest
 from dsl_tf import masks
 
 from conftest import REPO
-from trainers.methods import METHODS
+from trainers.methods import METHODS, Context
 from trainers.evaluation import evaluate_full_ranking
 from trainers.runs import load_run
 from trainers.train import TrainConfig, run_training
@@ -245,11 +245,13 @@ def test_every_flag_reaches_the_config():
 
     cfg = config_from_args(["--storage", "dense", "--optimizer", "lazy_adam", "--growth-scores", "window",
                             "--sparsity", "0.6", "--epochs", "3", "--hparam", "temperature=0.1",
-                            "--dataset-arg", "num_users=50", "--gmp-end-fraction", "0.5", "--seed", "4"])
+                            "--dataset-arg", "num_users=50", "--gmp-end-fraction", "0.5", "--seed", "4",
+                            "--prune-by", "row_relative"])
     assert (cfg.storage, cfg.optimizer, cfg.growth_scores, cfg.sparsity, cfg.epochs, cfg.seed) == (
         "dense", "lazy_adam", "window", 0.6, 3, 4)
     assert cfg.hparams == {"temperature": 0.1} and cfg.dataset_args == {"num_users": 50}
-    assert cfg.gmp_end_fraction == 0.5
+    assert cfg.gmp_end_fraction == 0.5 and cfg.prune_by == "row_relative"
+    assert METHODS["dsl"].callback(Context(cfg, 100, 5, None, None, 10)).prune_by == "row_relative"
 
 
 def test_summary_breaks_every_epoch_down(method_runs):

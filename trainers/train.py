@@ -118,7 +118,9 @@ class TrainConfig:
     length the sparsity schedules are planned over (default ``epochs``); ``early_stopping``
     and ``es_*``: see the module docstring (``epochs`` is then the budget). ``explore_until``:
     the fraction of the planned steps after which DSL and SET stop exploring (their
-    ``end_step``; 1.0, the paper's, explores to the end).
+    ``end_step``; 1.0, the paper's, explores to the end). ``prune_by``: DSL/SET's pruning
+    criterion (``DynamicSparsity(prune_by=...)``: ``"magnitude"``, the paper's, or
+    ``"row_relative"``, ``|w| / ‖row‖``, for L2-normalised towers).
     """
 
     model: str = "two_tower"
@@ -145,6 +147,7 @@ class TrainConfig:
     omp_dense_fraction: float = 0.5
     gmp_end_fraction: float = 0.75
     explore_until: float = 1.0
+    prune_by: str = "magnitude"
     verbose: int = 1
     schedule_epochs: int | None = None
     early_stopping: bool = False
@@ -159,7 +162,8 @@ class TrainConfig:
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose from {list(METHODS)}")
         for name, value, choices in (("storage", self.storage, STORAGES), ("optimizer", self.optimizer, OPTIMIZERS),
-                                     ("growth_scores", self.growth_scores, GROWTH_SCORES)):
+                                     ("growth_scores", self.growth_scores, GROWTH_SCORES),
+                                     ("prune_by", self.prune_by, dsl_tf.selection.PRUNE_CRITERIA)):
             if value not in choices:
                 raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
         if self.protocol not in ("test", "valid"):
@@ -565,6 +569,7 @@ def _write_run(out: Path, cfg: TrainConfig, model: Recommender, fit_data, popula
         "initial_update_ratio": cfg.initial_update_ratio,
         "decay": cfg.decay,
         "explore_until": cfg.explore_until,
+        "prune_by": cfg.prune_by,
         "storage": cfg.storage if isinstance(METHODS[cfg.method], DynamicSparse) else "dense",
         "growth_scores": cfg.growth_scores,
         "optimizer": cfg.optimizer,
@@ -641,6 +646,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--omp-dense-fraction", type=float, default=0.5, help="OMP: fraction of epochs trained dense")
     p.add_argument("--explore-until", type=float, default=1.0,
                    help="DSL/SET: fraction of the planned steps after which masks stay fixed (end_step)")
+    p.add_argument("--prune-by", default="magnitude", choices=list(dsl_tf.selection.PRUNE_CRITERIA),
+                   help="DSL/SET pruning criterion: |w| (paper) or |w| / row norm (for L2-normalised towers)")
     p.add_argument("--gmp-end-fraction", type=float, default=0.75,
                    help="GMP: fraction of training after which sparsity is final")
     p.add_argument("--out", default="runs/demo", help="run directory")
