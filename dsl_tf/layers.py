@@ -55,9 +55,10 @@ class MaskedEmbedding(tf.keras.layers.Embedding):
 
     growth_scores_mode = "dense"
     value_reader = None
-    """``(indices, their rows) -> table entries`` (gradient to the table as for ``tf.gather``),
-    set by an optimizer whose rows lag behind until looked up (:class:`dsl_tf.CatchUpAdam`),
-    so that the forward pass reads them up to date; read when the step is traced."""
+    """``(indices, rows, row_of=None) -> table entries`` (gradient to the table as for
+    ``tf.gather``; ``row_of``: each index's place in ``rows``, default one row per index), set
+    by an optimizer whose rows lag behind until looked up (:class:`dsl_tf.CatchUpAdam`), so
+    that the forward pass reads them up to date; read when the step is traced."""
     _score_loss_scale = None  # () -> the loss scale dividing tracked gradients; None: 1
     _score_loss_scale_owner = None  # id() of the optimizer ``_score_loss_scale`` reads
 
@@ -340,7 +341,7 @@ class CompactMaskedEmbedding(MaskedEmbedding):
         distinct, at = tf.unique(flat)
         positions, slots = self._entries(distinct)
         if self.value_reader is not None:  # an optimizer whose rows lag behind: read them caught up
-            gathered = self.value_reader(positions, tf.gather(distinct, slots // dim))
+            gathered = self.value_reader(positions, distinct, slots // dim)  # catch-up once per row
         else:
             source = _dense_gradient(tf.convert_to_tensor(self.values)) if self._dense_gradients else self.values
             gathered = tf.gather(source, positions)

@@ -108,6 +108,17 @@ class LazyAdam(tf.keras.optimizers.Adam):
         """Keras Adam for dense gradients; the lazy update for ``tf.IndexedSlices``."""
         if not isinstance(gradient, tf.IndexedSlices):
             return super().update_step(gradient, variable)
+        # Repeated indices are summed here, once (see _deduplicate_sparse_grad): a
+        # scatter_update with repeated indices would keep one arbitrary write.
+        gradient = super()._deduplicate_sparse_grad([gradient])[0]
+        slot = self._index_dict[self._var_key(variable)]
+        self._step_rows(variable, slot, gradient.indices, gradient.values,
+                        *self._read_rows(variable, slot, gradient.indices))
+
+    def _step_rows(self, variable, slot: int, indices: tf.Tensor, grad: tf.Tensor, w_rows, m_rows, v_rows,
+                   v_hat_rows) -> None:
+        """Adam's step on the distinct ``indices`` with their summed gradient ``grad`` and their
+        state before the step (``v_hat_rows`` None without ``amsgrad``)."""
         # Scalars computed as Keras Adam computes them (e.g. 1 - beta_1 in Python before
         # the cast), so that a step touching every row once is bit-identical to Adam's.
         dtype = variable.dtype
@@ -121,14 +132,7 @@ class LazyAdam(tf.keras.optimizers.Adam):
             epsilon_hat = epsilon_hat * tf.sqrt(1 - beta_2_power)
         one_minus_beta_1 = tf.cast(1 - self.beta_1, dtype)
         one_minus_beta_2 = tf.cast(1 - self.beta_2, dtype)
-
-        # Repeated indices are summed here, once (see _deduplicate_sparse_grad): a
-        # scatter_update with repeated indices would keep one arbitrary write.
-        gradient = super()._deduplicate_sparse_grad([gradient])[0]
-        indices, grad = gradient.indices, gradient.values
-        slot = self._index_dict[self._var_key(variable)]
         m, v = self._momentums[slot], self._velocities[slot]
-        w_rows, m_rows, v_rows, v_hat_rows = self._read_rows(variable, slot, indices)
 
         # Same expressions as Keras Adam's dense step, on the gathered rows only.
         m_rows = m_rows + (grad - m_rows) * one_minus_beta_1
@@ -189,8 +193,10 @@ class CatchUpAdam(LazyAdam):
     looked-up rows through :meth:`read_caught_up` (no write; installed when this optimizer is
     built, which :class:`dsl_tf.DynamicSparsity` and :class:`CatchUp` do at
     ``on_train_begin``, before the step is traced), so its gradients are Keras Adam's (tested:
-    same masks and values after a DSL fit). Other layers (``tf.keras.layers.Embedding``) read a
-    lagging row as stored: their gradient is taken before its catch-up.
+    same masks and values after a DSL fit); in a traced step on one replica, a compact table's
+    update then takes the state its lookups caught up (no second catch-up, no row search).
+    Other layers (``tf.keras.layers.Embedding``) read a lagging row as stored: their gradient
+    is taken before its catch-up.
 
     Rows: of a 2-D table, its first axis (what ``IndexedSlices`` of an embedding lookup
     index); of a :class:`dsl_tf.CompactMaskedEmbedding`'s ``values``, the table's rows (read
@@ -260,6 +266,7 @@ class CatchUpAdam(LazyAdam):
         self._row_splits: dict[str, object] = {}
         self._stepped: dict[str, object] = {}  # weak: the model owns its variables
         self._last_steps = {}
+        self._looked_up = _LookedUp()
         for var in var_list:
             key = str(self._index_dict[self._var_key(var)])
             self._stepped[key] = weakref.ref(var)
@@ -282,43 +289,95 @@ class CatchUpAdam(LazyAdam):
         self.build(model.trainable_variables)
         return True
 
-    def read_caught_up(self, slot: str, variable, indices: tf.Tensor, rows: tf.Tensor | None = None) -> tf.Tensor:
+    def read_caught_up(self, slot: str, variable, indices: tf.Tensor, rows: tf.Tensor | None = None,
+                       row_of: tf.Tensor | None = None) -> tf.Tensor:
         """``tf.gather(variable, indices)`` as it is once caught up to ``iterations``, without
-        writing anything; the gradient flows to ``variable`` as for the gather. ``rows``: the
-        indices' rows if the caller knows them (else found from the layout)."""
+        writing anything; the gradient flows to ``variable`` as for the gather.
+
+        ``rows``: the rows whose catch-up is computed (default: the indices' rows, found from the
+        layout); ``row_of``: each index's position in ``rows`` (default: one row per index), so
+        that the catch-up is computed once per row and broadcast over its entries. With
+        ``row_of`` (a compact table's lookup: distinct indices, whole rows), inside a traced
+        step on one replica, the caught-up state is handed over to this step's
+        :meth:`update_step`, which uses it if the gradient's indices are these ``indices``."""
         index = int(slot)
         w = tf.gather(variable, indices)
         v_hat = tf.gather(self._velocity_hats[index], indices) if self.amsgrad else None
         since = tf.gather(self._last_steps[slot], self._rows_of(slot, indices) if rows is None else rows)
-        if variable.shape.rank > 1:  # indices of any shape: one row step per row
-            since = tf.reshape(since, tf.concat([tf.shape(since), [1] * (variable.shape.rank - 1)], 0))
-        caught_up, _, _ = self._caught_up(w, tf.gather(self._momentums[index], indices),
-                                          tf.gather(self._velocities[index], indices), v_hat, since,
-                                          tf.cast(self.iterations, tf.int64))
-        return _value_of(w, tf.stop_gradient(caught_up))
+        factors = self._factors(since, tf.cast(self.iterations, tf.int64), w.dtype)
+        if row_of is not None:
+            factors = tf.gather(factors, row_of)
+        caught_up = self._apply_factors(w, tf.gather(self._momentums[index], indices),
+                                        tf.gather(self._velocities[index], indices), v_hat, factors)
+        if row_of is not None and not tf.executing_eagerly() and tf.distribute.get_strategy().num_replicas_in_sync == 1:
+            # several replicas: each component's update must compute the same floats (searched)
+            self._looked_up.put(slot, (indices, rows, *caught_up, v_hat))
+        return _value_of(w, tf.stop_gradient(caught_up[0]))
 
     def update_step(self, gradient, variable):
         """Catch up the gradient's rows, then Adam's step on them; or, for a dense gradient,
-        catch up the whole variable, then Keras Adam's step."""
-        if isinstance(gradient, tf.IndexedSlices):
-            return super().update_step(gradient, variable)
+        catch up the whole variable, then Keras Adam's step.
+
+        A compact table's gradient whose indices are the entries its lookups of this step read,
+        in their order or the reverse (checked at run time), takes the state those lookups
+        caught up: no row search, no second catch-up, and for a single lookup (distinct entries)
+        no deduplication."""
         slot = str(self._index_dict[self._var_key(variable)])
-        self._catch_up_variable(variable, slot, self.iterations)
-        super().update_step(gradient, variable)
-        last = self._last_steps[slot]
-        last.assign(tf.fill(tf.shape(last), tf.cast(self.iterations + 1, tf.int64)))
+        if not isinstance(gradient, tf.IndexedSlices):
+            self._catch_up_variable(variable, slot, self.iterations)
+            super().update_step(gradient, variable)
+            last = self._last_steps[slot]
+            last.assign(tf.fill(tf.shape(last), tf.cast(self.iterations + 1, tf.int64)))
+            return
+        lookups = self._looked_up.take(slot)
+        orders = [lookups, lookups[::-1]] if len(lookups) > 1 else [lookups] if lookups else []
+
+        def step(k: int) -> tf.Tensor:  # try the lookups in orders[k], else the next order
+            if k == len(orders):
+                super(CatchUpAdam, self).update_step(gradient, variable)  # rows searched in the layout
+                return tf.constant(False)
+            parts = list(zip(*orders[k]))  # indices, rows, w, m, v, v_hat: each a tuple over lookups
+            indices = tf.concat([tf.cast(i, tf.int64) for i in parts[0]], 0)
+            return tf.cond(_equal(tf.cast(gradient.indices, tf.int64), indices),
+                           lambda: self._step_looked_up(variable, slot, gradient.values, indices, parts),
+                           lambda: step(k + 1))
+
+        step(0)
+
+    def _step_looked_up(self, variable, slot: str, grad: tf.Tensor, indices: tf.Tensor, parts: list) -> tf.Tensor:
+        """Adam's step on the entries of this step's lookups (``parts``: their indices, rows and
+        caught-up ``w, m, v, v_hat``), whose concatenated ``indices`` are the gradient's."""
+        state = [None if p[0] is None else tf.concat(p, 0) for p in parts[2:]]
+        if len(parts[0]) > 1:  # an entry read by several lookups: its gradients summed, its state once
+            indices, at = tf.unique(indices)
+            grad = tf.math.unsorted_segment_sum(grad, at, tf.size(indices))
+            first = tf.math.unsorted_segment_min(tf.range(tf.size(at)), at, tf.size(indices))
+            state = [None if x is None else tf.gather(x, first) for x in state]
+        self._step_rows(variable, int(slot), indices, grad, *state)
+        self._set_row_steps(slot, tf.concat([tf.cast(r, tf.int64) for r in parts[1]], 0))
+        return tf.constant(True)
 
     def _read_rows(self, variable, slot: int, indices: tf.Tensor) -> tuple:
         """The rows before this step, caught up to the previous step; their row steps set."""
         w, m, v, v_hat = super()._read_rows(variable, slot, indices)
         rows = self._rows_of(str(slot), indices)
-        last = self._last_steps[str(slot)]
-        since = tf.gather(last, rows)
-        if variable.shape.rank > 1:  # one row step per table row: broadcast over its entries
-            since = tf.reshape(since, [-1] + [1] * (variable.shape.rank - 1))
-        w, m, v = self._caught_up(w, m, v, v_hat, since, tf.cast(self.iterations, tf.int64))
-        last.scatter_update(tf.IndexedSlices(tf.fill(tf.shape(rows), tf.cast(self.iterations + 1, tf.int64)), rows))
+        row_of = None
+        if str(slot) in self._row_splits:  # a compact table's values: a row's entries are adjacent
+            starts = rows != tf.concat([[-1], rows[:-1]], 0)  # runs of one row: one catch-up each
+            row_of = tf.cumsum(tf.cast(starts, tf.int32)) - 1
+            rows = tf.boolean_mask(rows, starts)
+        now = tf.cast(self.iterations, tf.int64)
+        factors = self._factors(tf.gather(self._last_steps[str(slot)], rows), now, variable.dtype)
+        if row_of is not None:
+            factors = tf.gather(factors, row_of)
+        w, m, v = self._apply_factors(w, m, v, v_hat, factors)
+        self._set_row_steps(str(slot), rows)
         return w, m, v, v_hat
+
+    def _set_row_steps(self, slot: str, rows: tf.Tensor) -> None:
+        """Record ``rows`` as updated at this step."""
+        self._last_steps[slot].scatter_update(
+            tf.IndexedSlices(tf.fill(tf.shape(rows), tf.cast(self.iterations + 1, tf.int64)), rows))
 
     def _rows_of(self, slot: str, indices: tf.Tensor) -> tf.Tensor:
         """The row of each gradient index (itself, except for a compact table's values)."""
@@ -328,11 +387,12 @@ class CatchUpAdam(LazyAdam):
         return tf.searchsorted(tf.convert_to_tensor(splits()), tf.cast(indices, tf.int64), side="right",
                                out_type=tf.int64) - 1
 
-    def _caught_up(self, w, m, v, v_hat, since: tf.Tensor, now: tf.Tensor) -> tuple:
-        """``(w, m, v)`` after the zero-gradient steps ``since + 1 .. now`` (``since``: int64
-        row steps, broadcastable to ``w``; ``now`` a scalar). Powers as ``exp(n · log β)``
-        in ``w``'s dtype: a dozen vectorised element-wise ops per entry."""
-        dtype = w.dtype
+    def _factors(self, since: tf.Tensor, now: tf.Tensor, dtype: tf.DType) -> tf.Tensor:
+        """The catch-up of rows last updated at ``since`` (int64, any shape) to step ``now`` (a
+        scalar), as ``since.shape + [4]``: the missed steps' summed step size, the decays of
+        ``m`` and ``v``, and the ``epsilon`` to add to ``√v`` (see :meth:`_apply_factors`).
+        Computed once per row (powers as ``exp(n · log β)``, a few dozen element-wise ops), then
+        broadcast over the row's entries."""
         ln_r, ln_b1, ln_b2 = (math.log(x) for x in (self._ratio, self.beta_1, self.beta_2))
         ratio = self._ratio
         real = lambda x: tf.cast(x, dtype)  # noqa: E731
@@ -353,11 +413,21 @@ class CatchUpAdam(LazyAdam):
         epsilon = real(self.epsilon)
         if self.adaptive_epsilon:
             epsilon = epsilon * tf.sqrt(1 - tf.exp((real(since) + tf.maximum(offset, 1)) * ln_b2))
-        if self.amsgrad:
-            denominator = tf.sqrt(v_hat) + epsilon
-        else:
-            denominator = tf.sqrt(v) + epsilon * tf.exp(offset * (-ln_b2 / 2))
-        return w - step_sum * m / denominator, m * tf.exp(n * ln_b1), v * tf.exp(n * ln_b2)
+        if not self.amsgrad:
+            epsilon = epsilon * tf.exp(offset * (-ln_b2 / 2))
+        epsilon = epsilon + tf.zeros_like(n)
+        return tf.stack([step_sum, tf.exp(n * ln_b1), tf.exp(n * ln_b2), epsilon], axis=-1)
+
+    def _apply_factors(self, w, m, v, v_hat, factors: tf.Tensor) -> tuple:
+        """``(w, m, v)`` caught up by :meth:`_factors` (``factors[..., i]`` broadcastable to
+        ``w``: a row's factors, or one per entry)."""
+        step_sum, m_decay, v_decay, epsilon = tf.unstack(factors, axis=-1)
+        if w.shape.rank is not None and step_sum.shape.rank is not None and step_sum.shape.rank < w.shape.rank:
+            trailing = [1] * (w.shape.rank - step_sum.shape.rank)  # one row's factors for all its entries
+            shape = tf.concat([tf.shape(step_sum), trailing], 0)
+            step_sum, m_decay, v_decay, epsilon = (tf.reshape(f, shape) for f in (step_sum, m_decay, v_decay, epsilon))
+        denominator = (tf.sqrt(v_hat) if self.amsgrad else tf.sqrt(v)) + epsilon
+        return w - step_sum * m / denominator, m * m_decay, v * v_decay
 
     def catch_up(self, var_list=None) -> None:
         """Bring every row of ``var_list`` (default: every variable this optimizer steps)
@@ -385,18 +455,15 @@ class CatchUpAdam(LazyAdam):
         v_hat = self._velocity_hats[index] if self.amsgrad else None
         for r0 in range(0, rows, chunk):
             r1 = min(r0 + chunk, rows)
-            since = last[r0:r1]
-            if splits is None:
-                entries = tf.range(r0, r1, dtype=tf.int64)
-                if variable.shape.rank > 1:
-                    since = tf.reshape(since, [-1] + [1] * (variable.shape.rank - 1))
-            else:
+            factors = self._factors(last[r0:r1], now, variable.dtype)
+            entries = tf.range(r0, r1, dtype=tf.int64)
+            if splits is not None:  # a row's factors for each of its entries
                 bounds = splits()[r0:r1 + 1]
                 entries = tf.range(bounds[0], bounds[-1])
-                since = tf.repeat(since, bounds[1:] - bounds[:-1])
+                factors = tf.repeat(factors, bounds[1:] - bounds[:-1], axis=0)
             values = [tf.gather(s, entries) for s in state]
             hat = None if v_hat is None else tf.gather(v_hat, entries)
-            for s, new in zip(state, self._caught_up(*values, hat, since, now)):
+            for s, new in zip(state, self._apply_factors(*values, hat, factors)):
                 s.scatter_update(tf.IndexedSlices(new, entries))
         last.assign(tf.fill([rows], now))
 
@@ -409,10 +476,41 @@ def _mean_offset(ratio: float, n: tf.Tensor) -> tf.Tensor:
     return tf.where(n > 0, (1 - (n + 1) * r_n + n * r_n * ratio) / safe, tf.zeros_like(n))
 
 
+class _LookedUp:
+    """What a compact table's lookups caught up in the step being traced, per slot, until that
+    step's update takes it: ``(indices, rows, w, m, v, v_hat)`` per lookup, in call order.
+    Plain attributes (no Keras tracking of symbolic tensors); lookups traced in another graph
+    are never taken."""
+
+    def __init__(self):
+        self._pending: dict[str, list[tuple]] = {}
+
+    def put(self, slot: str, state: tuple) -> None:
+        self._pending.setdefault(slot, []).append(state)
+
+    def take(self, slot: str) -> list[tuple]:
+        """The lookups of ``slot`` traced in the current graph (or one enclosing it), removed so
+        that they serve one update only."""
+        lookups = self._pending.pop(slot, [])
+        if tf.executing_eagerly():
+            return []
+        enclosing, graph = set(), tf.compat.v1.get_default_graph()
+        while graph is not None:
+            enclosing.add(id(graph))
+            graph = getattr(graph, "outer_graph", None)
+        return [state for state in lookups if id(state[0].graph) in enclosing]
+
+
+def _equal(a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
+    """Whether the 1-D tensors ``a`` and ``b`` are equal (sizes first)."""
+    return tf.cond(tf.equal(tf.size(a), tf.size(b)), lambda: tf.reduce_all(tf.equal(a, b)),
+                   lambda: tf.constant(False))
+
+
 def _reader(optimizer: CatchUpAdam, slot: str, variable):
     """A compact table's ``value_reader``: not keeping the optimizer alive."""
     optimizer, variable = weakref.ref(optimizer), weakref.ref(variable)
-    return lambda positions, rows: optimizer().read_caught_up(slot, variable(), positions, rows)
+    return lambda indices, rows, row_of=None: optimizer().read_caught_up(slot, variable(), indices, rows, row_of)
 
 
 @tf.custom_gradient

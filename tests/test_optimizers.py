@@ -523,3 +523,41 @@ def test_catch_up_adam_under_mirrored_strategy_equals_keras_adam(python_subproce
     for replica in out["replicas"]:
         np.testing.assert_allclose(replica, out["adam"], rtol=0, atol=W_ATOL)
     np.testing.assert_array_equal(out["replicas"][0], out["replicas"][1])
+
+
+def _traced_compact_fit(opt, lookups: int, reorder: bool = False, steps: int = 30) -> np.ndarray:
+    """A compact table trained by ``opt`` in a ``tf.function`` step that looks it up ``lookups``
+    times (``reorder``: the gradient's entries reversed); its values once caught up."""
+    rng = np.random.default_rng(14)
+    layer = _compact_table(4)
+    opt.build([layer.values])  # installs the caught-up reader before the step is traced
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.int64), tf.TensorSpec([None, 8], tf.float32)])
+    def step(ids, target):
+        with tf.GradientTape() as tape:
+            loss = sum(tf.reduce_sum(tf.square(layer(ids + k) - target)) for k in range(lookups))
+        grad = tape.gradient(loss, layer.values)
+        if reorder:
+            grad = tf.IndexedSlices(grad.values[::-1], grad.indices[::-1], grad.dense_shape)
+        opt.apply_gradients([(grad if isinstance(opt, LazyAdam) else tf.convert_to_tensor(grad), layer.values)])
+
+    for ids in _sparse_steps(rng, 29, steps):
+        step(tf.constant(ids), tf.constant(rng.normal(size=(len(ids), 8)), tf.float32))
+    getattr(opt, "catch_up", lambda: None)()
+    return layer.values.numpy()
+
+
+@pytest.mark.parametrize("lookups, reorder", [(1, False), (2, False), (1, True)],
+                         ids=["one_lookup", "two_lookups", "reordered_gradient"])
+def test_catch_up_adam_step_takes_the_state_its_lookups_caught_up(lookups, reorder, monkeypatch):
+    """A gradient over this step's lookups (one, or several with shared entries): the update
+    takes their caught-up entries and rows (no row search, no second catch-up), checked here by
+    breaking the searched path; any other gradient (here reordered): the update searches the
+    rows itself. Both equal Keras Adam."""
+    adam = _traced_compact_fit(tf.keras.optimizers.Adam(LR), lookups, reorder)
+    np.testing.assert_allclose(_traced_compact_fit(dsl_tf.CatchUpAdam(LR), lookups, reorder), adam,
+                               rtol=0, atol=W_ATOL)
+    monkeypatch.setattr(dsl_tf.CatchUpAdam, "_read_rows", lambda self, variable, slot, indices: tuple(
+        tf.zeros_like(x) if x is not None else None for x in LazyAdam._read_rows(self, variable, slot, indices)))
+    broken = np.abs(_traced_compact_fit(dsl_tf.CatchUpAdam(LR), lookups, reorder) - adam).max()
+    assert broken > 1e-2 if reorder else broken <= W_ATOL
