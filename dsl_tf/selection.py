@@ -411,8 +411,8 @@ def row_relative(weights: tf.Tensor) -> tf.Tensor:
     rows (e.g. two-tower towers), where an entry's share of its row, not its raw size, is
     what it contributes to a score.
 
-    >>> row_relative(tf.constant([[3.0, 4.0], [0.3, 0.4], [0.0, 0.0]])).numpy().round(2).tolist()
-    [[0.6, 0.8], [0.6, 0.8], [0.0, 0.0]]
+    >>> tf.round(100 * row_relative(tf.constant([[3.0, 4.0], [0.3, 0.4], [0.0, 0.0]]))).numpy().tolist()
+    [[60.0, 80.0], [60.0, 80.0], [0.0, 0.0]]
     """
     weights = tf.cast(weights, tf.float32)
     return tf.math.divide_no_nan(weights, tf.norm(weights, axis=-1, keepdims=True))
@@ -422,8 +422,9 @@ def row_relative_values(values: tf.Tensor, row_splits: tf.Tensor) -> tf.Tensor:
     """:func:`row_relative` for a compact table's ``values [budget]`` laid out by
     ``row_splits [rows + 1]`` (whole-budget work, at explorations only).
 
-    >>> row_relative_values(tf.constant([3.0, 4.0, 0.5]), tf.constant([0, 2, 2, 3], tf.int64)).numpy().tolist()
-    [0.6000000238418396, 0.800000011920929, 1.0]
+    >>> keys = row_relative_values(tf.constant([3.0, 4.0, 0.5]), tf.constant([0, 2, 2, 3], tf.int64))
+    >>> tf.round(100 * keys).numpy().tolist()
+    [60.0, 80.0, 100.0]
     """
     values = tf.cast(values, tf.float32)
     lengths = tf.cast(row_splits[1:] - row_splits[:-1], tf.int32)
