@@ -51,18 +51,25 @@ def _run_dir(out: Path, model: str, method: str, sparsity: float) -> Path:
 def train_or_reuse(cfg: TrainConfig) -> dict:
     """Train ``cfg`` unless its run directory already holds a finished run of the same
     configuration (every ``TrainConfig`` field but ``out``/``overwrite``/``verbose``, kept by
-    this benchmark in ``bench_config.json`` beside the run's ``summary.json``)."""
+    this benchmark in ``bench_config.json`` beside the run's ``summary.json``). A field the marker
+    lacks (added to ``TrainConfig`` after the run) counts as its default, which is what the run used."""
     cfg = cfg.resolved()
     run = Path(cfg.out)
     key = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out", "overwrite", "verbose")}
     marker = run / "bench_config.json"
-    if (run / "summary.json").exists() and marker.exists() and json.loads(marker.read_text()) == key:
+    if (run / "summary.json").exists() and marker.exists() and _stored(json.loads(marker.read_text())) == key:
         print(f"[bench] reusing {run}", flush=True)
         return json.loads((run / "summary.json").read_text())
     cfg.overwrite = True
     summary = run_training(cfg)[1]
     marker.write_text(json.dumps(key, indent=2))
     return summary
+
+
+def _stored(marker: dict) -> dict:
+    """A ``bench_config.json`` with the defaults of ``TrainConfig`` fields it predates."""
+    return {**{k: v for k, v in dataclasses.asdict(TrainConfig()).items() if k not in ("out", "overwrite", "verbose")},
+            **marker}
 
 
 def _row(summary: dict, dense: dict, run: Path) -> dict:

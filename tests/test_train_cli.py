@@ -319,3 +319,20 @@ def test_explore_until_stops_dsl_explorations_at_that_fraction(tmp_path, method_
     assert json.loads((tmp_path / "dsl" / "config.json").read_text())["explore_until"] == 0.5
     with pytest.raises(ValueError, match="explore_until must be in"):
         _config(tmp_path, "dsl", explore_until=0.0).resolved()
+
+
+def test_bench_reuses_a_run_whose_marker_predates_a_new_config_field(tmp_path, monkeypatch):
+    """A finished run is reused when its bench_config.json lacks a field added since (default = what it ran with),
+    and retrained when a recorded field differs."""
+    import benchmarks.gowalla as bench
+
+    cfg = _config(tmp_path, "dsl", epochs=1)
+    first = bench.train_or_reuse(cfg)
+    marker = tmp_path / "dsl" / "bench_config.json"
+    stored = json.loads(marker.read_text())
+    del stored["prune_by"]  # as written before TrainConfig had the field
+    marker.write_text(json.dumps(stored))
+    monkeypatch.setattr(bench, "run_training", lambda c: pytest.fail("retrained a finished run"))
+    assert bench.train_or_reuse(cfg) == first
+    with pytest.raises(pytest.fail.Exception, match="retrained"):
+        bench.train_or_reuse(_config(tmp_path, "dsl", epochs=1, prune_by="row_relative"))
