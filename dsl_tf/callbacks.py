@@ -77,6 +77,11 @@ class DynamicSparsity(tf.keras.callbacks.Callback):
       prune_by: ``"magnitude"`` (the paper's: smallest ``|w|``) or ``"row_relative"``
         (smallest ``|w| / ‖row‖₂``: an entry's share of its row, for models that
         L2-normalise the looked-up rows, where a row's raw scale does not reach the score).
+      grow_by: ``"score"`` (the paper's: largest ``|growth score|``) or ``"row_scaled"``
+        (largest ``|score| · ‖row‖₂``). Behind an L2 normalisation the gradient of an
+        inactive entry is its row's normalised gradient divided by ``‖row‖``; times ``‖row‖``
+        it ranks entries by their effect on the normalised row, whatever the row's scale
+        (the growth counterpart of ``prune_by="row_relative"``).
       seed: seed of the initial masks and random tie-breaking / growth. Masks depend only
         on ``(seed, step)``, so runs are reproducible and replicas agree.
       verbose: 0 silent, 1 one line per exploration.
@@ -116,6 +121,7 @@ class DynamicSparsity(tf.keras.callbacks.Callback):
         momentum: float = 0.9,
         exclude_pruned: bool = False,
         prune_by: str = "magnitude",
+        grow_by: str = "score",
         seed: int = 0,
         verbose: int = 0,
         log_dir: str | None = None,
@@ -167,6 +173,9 @@ class DynamicSparsity(tf.keras.callbacks.Callback):
         if prune_by not in selection.PRUNE_CRITERIA:
             raise ValueError(f"prune_by must be one of {selection.PRUNE_CRITERIA}, got {prune_by!r}")
         self.prune_by = prune_by
+        if grow_by not in selection.GROW_CRITERIA:
+            raise ValueError(f"grow_by must be one of {selection.GROW_CRITERIA}, got {grow_by!r}")
+        self.grow_by = grow_by
         self.seed = int(seed)
         self.verbose = int(verbose)
         self.log_dir = log_dir
@@ -190,6 +199,7 @@ class DynamicSparsity(tf.keras.callbacks.Callback):
             "momentum": self.momentum,
             "exclude_pruned": self.exclude_pruned,
             "prune_by": self.prune_by,
+            "grow_by": self.grow_by,
             "seed": self.seed,
             "verbose": self.verbose,
             "log_dir": self.log_dir,
@@ -393,6 +403,9 @@ class DynamicSparsity(tf.keras.callbacks.Callback):
         if not self._ready(names, step, weights, scores):
             return 0, {name: 0.0 for name in names}
         num = self._swap_count(masks.count_active(mask), int(mask.shape[0]), ratio, step, names)
+        if scores is not None and self.grow_by == "row_scaled":  # |score| · ‖row‖: scale-free growth
+            scores = tf.concat([tf.reshape(tf.convert_to_tensor(l.growth_scores) * tf.norm(
+                l.embeddings * tf.cast(l.mask, l.embeddings.dtype), axis=1, keepdims=True), [-1]) for l in layers], 0)
         if self.prune_by == "row_relative":  # rank each entry by its share of its row
             weights = tf.concat([tf.reshape(selection.row_relative(l.embeddings * tf.cast(l.mask, l.embeddings.dtype)),
                                             [-1]) for l in layers], 0)
@@ -426,8 +439,9 @@ class DynamicSparsity(tf.keras.callbacks.Callback):
         size = layer.input_dim * layer.output_dim
         num = self._swap_count(layer.budget, size, ratio, step, [layer.name])
         keys = selection.row_relative_values(values, layer.row_splits) if self.prune_by == "row_relative" else None
+        scale = selection.row_norms(values, layer.row_splits) if self.grow_by == "row_scaled" else None
         keep, grown = selection.compact_prune_and_grow(
-            layer, num, (self.seed, step * 97 + group), source, self.exclude_pruned, keys)
+            layer, num, (self.seed, step * 97 + group), source, self.exclude_pruned, keys, scale)
         regrown = masks.apply_compact_update(layer, keep, grown, self.model.optimizer)
         return num, {layer.name: 2 * (num - regrown) / size}
 

@@ -333,6 +333,7 @@ def compact_prune_and_grow(
     growth: str = "scores",
     exclude_pruned: bool = False,
     prune_keys: tf.Tensor | None = None,
+    grow_scale: tf.Tensor | None = None,
 ) -> tuple[tf.Tensor, list[tf.Tensor]]:
     """:func:`prune_and_grow` on a :class:`dsl_tf.CompactMaskedEmbedding`, by row chunks of at
     most :data:`CHUNK` entries, so that memory is O(budget + chunk): no tensor of the table's
@@ -340,7 +341,8 @@ def compact_prune_and_grow(
 
     Pruning ranks the active values (smallest ``|w|``; or ``prune_keys``, ``[budget]``, e.g.
     :func:`row_relative_values`). Growth, among the entries free
-    after the prune (or before it, ``exclude_pruned``):
+    after the prune (or before it, ``exclude_pruned``), ranks scores times ``grow_scale``
+    (float32 ``[rows]``, e.g. :func:`row_norms`; none: the scores as they are):
 
     * ``"scores"``: the largest accumulated ``|scores|`` (``growth_scores`` ``"dense"``, the
       exact accumulator, ranked by the same selection as the dense-mask storage's, so both
@@ -373,7 +375,8 @@ def compact_prune_and_grow(
         def keys():
             for r0, r1 in chunks:
                 taken = scatter_flags((r1 - r0) * dim, occupied(r0, r1))
-                yield tf.where(taken, _NEG_INF, tf.abs(tf.reshape(read(r0, r1), [-1])))
+                scores = read(r0, r1) if grow_scale is None else read(r0, r1) * grow_scale[r0:r1, None]
+                yield tf.where(taken, _NEG_INF, tf.abs(tf.reshape(scores, [-1])))
 
         picked = top_k_chunks(keys, num_update, seed + [2, 0])
         return keep, [idx + r0 * dim for (r0, _), idx in zip(chunks, picked)]
@@ -381,9 +384,11 @@ def compact_prune_and_grow(
     if growth == "window":
         candidates, candidate_scores = layer.window_scores()  # whole rows: row i's entries at i · dim + col
         # the candidates' occupied entries from the window rows' own entries: O(window), no pass over the chunks
-        value_index, slot = layer._entries(tf.reshape(candidates, [-1, dim])[:, 0] // dim)
+        _, value_index, slot = layer._entries(tf.reshape(candidates, [-1, dim])[:, 0] // dim)
         taken = slot if exclude_pruned else tf.boolean_mask(slot, tf.gather(keep, value_index))
         free = tf.logical_not(scatter_flags(tf.size(candidates, out_type=tf.int64), taken))
+        if grow_scale is not None:
+            candidate_scores = candidate_scores * tf.gather(grow_scale, candidates // dim)
         candidates, keys = tf.boolean_mask(candidates, free), tf.abs(tf.boolean_mask(candidate_scores, free))
         grown = tf.gather(candidates, top_k_indices(keys, min(num_update, int(tf.size(keys))), seed + [2, 0]))
     grown_chunks = [grown]
@@ -403,6 +408,7 @@ def compact_prune_and_grow(
 
 
 PRUNE_CRITERIA = ("magnitude", "row_relative")
+GROW_CRITERIA = ("score", "row_scaled")
 
 
 def row_relative(weights: tf.Tensor) -> tf.Tensor:
@@ -427,10 +433,25 @@ def row_relative_values(values: tf.Tensor, row_splits: tf.Tensor) -> tf.Tensor:
     [60.0, 80.0, 100.0]
     """
     values = tf.cast(values, tf.float32)
+    norms, rows = _row_norms(values, row_splits)
+    return tf.math.divide_no_nan(values, tf.gather(norms, rows))
+
+
+def row_norms(values: tf.Tensor, row_splits: tf.Tensor) -> tf.Tensor:
+    """float32 ``[rows]``: the L2 norm of each row of a compact table's ``values [budget]``
+    laid out by ``row_splits [rows + 1]``, the growth scale of ``grow_by="row_scaled"``.
+
+    >>> row_norms(tf.constant([3.0, 4.0, 0.5]), tf.constant([0, 2, 2, 3], tf.int64)).numpy().tolist()
+    [5.0, 0.0, 0.5]
+    """
+    return _row_norms(tf.cast(values, tf.float32), row_splits)[0]
+
+
+def _row_norms(values: tf.Tensor, row_splits: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """``(norms [rows], row of every value)``, int32 rows."""
     lengths = tf.cast(row_splits[1:] - row_splits[:-1], tf.int32)
     rows = tf.repeat(tf.range(tf.size(lengths)), lengths)  # int32 row of every value
-    norms = tf.sqrt(tf.math.unsorted_segment_sum(tf.square(values), rows, tf.size(lengths)))
-    return tf.math.divide_no_nan(values, tf.gather(norms, rows))
+    return tf.sqrt(tf.math.unsorted_segment_sum(tf.square(values), rows, tf.size(lengths))), rows
 
 
 def random_free_positions(size: int, taken: tf.Tensor, count: int, seed, max_rounds: int = 50) -> tf.Tensor:

@@ -536,3 +536,51 @@ def test_row_relative_pruning_ranks_each_entry_by_its_share_of_its_row(storage):
     assert pruned["magnitude"][:5].sum() > pruned["row_relative"][:5].sum()  # small rows lose less by share
     with pytest.raises(ValueError, match=r"prune_by must be one of \('magnitude', 'row_relative'\), got 'norm'"):
         DynamicSparsity(prune_by="norm")
+
+
+class _ScoresBeforeExploration(tf.keras.callbacks.Callback):
+    """Listed before DynamicSparsity: records the mask, effective weights and growth scores at every batch end,
+    i.e. what an exploration at that step ranks."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.layer, self.seen = layer, []
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.seen.append((self.layer.dense_mask().numpy().astype(bool), self.layer.effective_table().numpy(),
+                          tf.convert_to_tensor(self.layer.growth_scores).numpy()))
+
+
+@pytest.mark.parametrize("storage", ["dense", "compact"])
+def test_row_scaled_growth_ranks_scores_times_the_row_norm(storage):
+    """grow_by="row_scaled" grows the free entries with the largest |score| · ‖row‖: behind an L2 normalisation
+    the paper's |score| favours small rows (their gradients carry 1 / ‖row‖); both storages choose the same."""
+    rng = np.random.default_rng(5)
+    rows, dim = 20, 8
+    weights = ((np.arange(rows) + 1.0) ** 2)[:, None] * rng.uniform(0.5, 1.5, (rows, dim)) * rng.choice([-1, 1], (rows, dim))
+    x, y = np.arange(40)[:, None] % rows, rng.normal(size=(40, 1)).astype(np.float32)
+    grown = {}
+    for grow_by in ("row_scaled", "score"):
+        tf.keras.utils.set_random_seed(0)
+        table = (dsl_tf.CompactMaskedEmbedding(rows, dim, sparsity=0.5) if storage == "compact"
+                 else MaskedEmbedding(rows, dim))
+        model = tf.keras.Sequential([tf.keras.Input((1,), dtype="int64"), table, tf.keras.layers.Flatten(),
+                                     tf.keras.layers.UnitNormalization(), tf.keras.layers.Dense(1)])
+        model.compile(tf.keras.optimizers.SGD(0.0), "mse")  # weights stay as planted
+        seen = _ScoresBeforeExploration(table)
+        dsl = DynamicSparsity(0.5, update_interval=2, end_step=3, decay="constant", exclude_pruned=True,
+                              grow_by=grow_by)
+        model.fit(x, y, batch_size=20, epochs=1, shuffle=False, verbose=0,
+                  callbacks=[_Plant(table, weights.astype(np.float32)), seen, dsl])
+        before, effective, scores = seen.seen[1]  # step 2: the exploration's inputs
+        after = table.dense_mask().numpy().astype(bool)
+        grown[grow_by] = after & ~before
+        assert after.sum() == before.sum() == rows * dim // 2 and grown[grow_by].sum() == rows * dim // 4
+        key = np.abs(scores) * (np.linalg.norm(effective, axis=1, keepdims=True) if grow_by == "row_scaled" else 1)
+        free = np.flatnonzero(~before)
+        expected = np.zeros_like(before)
+        expected.flat[free[np.argsort(-key.flat[free], kind="stable")[: rows * dim // 4]]] = True
+        np.testing.assert_array_equal(grown[grow_by], expected)
+    assert grown["row_scaled"][-5:].sum() > grown["score"][-5:].sum()  # large rows gain by their scale
+    with pytest.raises(ValueError, match=r"grow_by must be one of \('score', 'row_scaled'\), got 'norm'"):
+        DynamicSparsity(grow_by="norm")

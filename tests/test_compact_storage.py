@@ -38,11 +38,13 @@ class _CopyInitialValues(tf.keras.callbacks.Callback):
         self.layer.values.assign(tf.gather(tf.reshape(self.dense_initial, [-1]), self.layer.positions()))
 
 
-@pytest.mark.parametrize("growth", ["gradient", "momentum"])
-def test_compact_and_dense_storage_train_identically(growth):
-    """Same seed, data, Adam and 15 explorations: same masks, same weights (1e-6)."""
+@pytest.mark.parametrize("growth, criteria", [("gradient", {}), ("momentum", {}),
+                                              ("gradient", dict(prune_by="row_relative", grow_by="row_scaled"))])
+def test_compact_and_dense_storage_train_identically(growth, criteria):
+    """Same seed, data, Adam and 15 explorations: same masks, same weights (1e-6); also with the
+    row-relative prune and row-scaled growth."""
     x, y = _data()
-    kwargs = dict(sparsity=0.75, update_interval=4, initial_update_ratio=0.5, growth=growth, seed=3)
+    kwargs = dict(sparsity=0.75, update_interval=4, initial_update_ratio=0.5, growth=growth, seed=3, **criteria)
     dense = _model(MaskedEmbedding)
     initial = tf.identity(dense.layers[0].embeddings)
     dense.fit(x, y, batch_size=20, epochs=2, shuffle=False, verbose=0, callbacks=[dsl_d := DynamicSparsity(**kwargs)])

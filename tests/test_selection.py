@@ -144,11 +144,13 @@ def test_random_free_positions_avoid_taken_and_are_distinct():
 
 @settings(max_examples=25, deadline=None)
 @given(st.integers(20, 300), st.integers(1, 5), st.floats(0.1, 0.9), st.floats(0.0, 1.0), st.integers(0, 2**30),
-       st.booleans(), st.sampled_from(["scores", "window", "random"]))
-def test_compact_chunked_selection_matches_the_dense_one(rows, dim, sparsity, ratio, seed, exclude_pruned, growth):
+       st.booleans(), st.sampled_from(["scores", "window", "random"]), st.booleans())
+def test_compact_chunked_selection_matches_the_dense_one(rows, dim, sparsity, ratio, seed, exclude_pruned, growth,
+                                                         scaled):
     """compact_prune_and_grow, by row chunks of 64 rows and value chunks of 128 entries, prunes
     and grows what prune_and_grow chooses on the dense mask (exact growth scores, or a window
-    holding every row); random growth keeps the budget and only takes free entries."""
+    holding every row; ``scaled``: scores times the row norms, ``grow_by="row_scaled"``); random
+    growth keeps the budget and only takes free entries."""
     size = rows * dim
     rng = np.random.default_rng(seed)
     layer = dsl_tf.CompactMaskedEmbedding(rows, dim, sparsity=sparsity, score_capacity=rows,
@@ -171,8 +173,13 @@ def test_compact_chunked_selection_matches_the_dense_one(rows, dim, sparsity, ra
     k = int(selection.num_updates(tf.constant(mask), ratio, exclude_pruned).numpy())
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(selection, "CHUNK", 128)
-        keep, grown = selection.compact_prune_and_grow(layer, k, (seed, 1), growth, exclude_pruned)
+        scale = selection.row_norms(layer.values, layer.row_splits) if scaled else None
+        keep, grown = selection.compact_prune_and_grow(layer, k, (seed, 1), growth, exclude_pruned, grow_scale=scale)
     grown = np.concatenate([g.numpy() for g in grown])
+    if scaled:
+        norms = np.linalg.norm((w * mask).reshape(rows, dim).astype(np.float64), axis=1)
+        np.testing.assert_allclose(scale.numpy(), norms, rtol=1e-6)
+        score = score * np.repeat(scale.numpy(), dim)  # the products compact ranks, in float32
     new, pruned, ref_grown = selection.prune_and_grow(mask, w, None if growth == "random" else score, k, (seed, 1),
                                                       exclude_pruned)
     assert set(positions[~keep.numpy()].tolist()) == set(pruned.numpy().tolist())

@@ -120,7 +120,9 @@ class TrainConfig:
     the fraction of the planned steps after which DSL and SET stop exploring (their
     ``end_step``; 1.0, the paper's, explores to the end). ``prune_by``: DSL/SET's pruning
     criterion (``DynamicSparsity(prune_by=...)``: ``"magnitude"``, the paper's, or
-    ``"row_relative"``, ``|w| / ‖row‖``, for L2-normalised towers).
+    ``"row_relative"``, ``|w| / ‖row‖``, for L2-normalised towers); ``grow_by``: DSL's growth
+    criterion (``DynamicSparsity(grow_by=...)``: ``"score"``, the paper's, or ``"row_scaled"``,
+    ``|score| · ‖row‖``, its counterpart).
     """
 
     model: str = "two_tower"
@@ -148,6 +150,7 @@ class TrainConfig:
     gmp_end_fraction: float = 0.75
     explore_until: float = 1.0
     prune_by: str = "magnitude"
+    grow_by: str = "score"
     verbose: int = 1
     schedule_epochs: int | None = None
     early_stopping: bool = False
@@ -163,7 +166,8 @@ class TrainConfig:
             raise ValueError(f"unknown method {self.method!r}; choose from {list(METHODS)}")
         for name, value, choices in (("storage", self.storage, STORAGES), ("optimizer", self.optimizer, OPTIMIZERS),
                                      ("growth_scores", self.growth_scores, GROWTH_SCORES),
-                                     ("prune_by", self.prune_by, dsl_tf.selection.PRUNE_CRITERIA)):
+                                     ("prune_by", self.prune_by, dsl_tf.selection.PRUNE_CRITERIA),
+                                     ("grow_by", self.grow_by, dsl_tf.selection.GROW_CRITERIA)):
             if value not in choices:
                 raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
         if self.protocol not in ("test", "valid"):
@@ -570,6 +574,7 @@ def _write_run(out: Path, cfg: TrainConfig, model: Recommender, fit_data, popula
         "decay": cfg.decay,
         "explore_until": cfg.explore_until,
         "prune_by": cfg.prune_by,
+        "grow_by": cfg.grow_by,
         "storage": cfg.storage if isinstance(METHODS[cfg.method], DynamicSparse) else "dense",
         "growth_scores": cfg.growth_scores,
         "optimizer": cfg.optimizer,
@@ -648,6 +653,8 @@ def parser() -> argparse.ArgumentParser:
                    help="DSL/SET: fraction of the planned steps after which masks stay fixed (end_step)")
     p.add_argument("--prune-by", default="magnitude", choices=list(dsl_tf.selection.PRUNE_CRITERIA),
                    help="DSL/SET pruning criterion: |w| (paper) or |w| / row norm (for L2-normalised towers)")
+    p.add_argument("--grow-by", default="score", choices=list(dsl_tf.selection.GROW_CRITERIA),
+                   help="DSL growth criterion: |growth score| (paper) or |score| x row norm (with --prune-by row_relative)")
     p.add_argument("--gmp-end-fraction", type=float, default=0.75,
                    help="GMP: fraction of training after which sparsity is final")
     p.add_argument("--out", default="runs/demo", help="run directory")
