@@ -40,9 +40,12 @@ import dsl_tf  # noqa: E402  (must precede tf.keras)
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from trainers.train import OPTIMIZERS  # noqa: E402  (the classes `trainers/train.py --optimizer` uses)
+
 VARIANTS = ("dense+adam", "dense+lazy", "masked+adam", "compact+adam", "compact+lazy", "compact+catchup", "int8+lazy",
             "window+lazy")
-OPTIMIZERS = {"adam": tf.keras.optimizers.Adam, "lazy": dsl_tf.LazyAdam, "catchup": dsl_tf.CatchUpAdam}
+OPTIMIZER_OF = {"adam": "adam", "lazy": "lazy_adam", "catchup": "catch_up_adam"}
+"""A variant's optimizer (its name after ``+``) as ``trainers/train.py --optimizer``."""
 
 
 def _table(variant: str, rows: int, dim: int, sparsity: float, name: str) -> tf.keras.layers.Layer:
@@ -83,7 +86,7 @@ def _data(kind: str, args) -> tf.data.Dataset:
 
 
 def _compile(model: _Model, kind: str, variant: str) -> None:
-    optimizer = OPTIMIZERS[variant.split("+")[1]](1e-3)
+    optimizer = OPTIMIZERS[OPTIMIZER_OF[variant.split("+")[1]]](1e-3)
     loss = (tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True) if kind == "two_tower"
             else tf.keras.losses.BinaryCrossentropy(from_logits=True))
     model.compile(optimizer, loss)
@@ -96,10 +99,11 @@ def _state_bytes(model: tf.keras.Model) -> int:
 
 def measure(kind: str, args) -> dict:
     ds = _data(kind, args).batch(args.batch).cache()
+    variants = args.variants
     total = args.steps * (args.rounds + 1)
     state: dict = {}
     for sparsity in args.sparsities:  # memory: build, one step, count
-        for variant in VARIANTS:
+        for variant in variants:
             model = _Model(kind, variant, args, sparsity)
             _compile(model, kind, variant)
             callbacks = [] if variant.startswith("dense") else [
@@ -108,13 +112,13 @@ def measure(kind: str, args) -> dict:
             state[f"{variant}@{sparsity}"] = _state_bytes(model)
     entries = (args.users + args.items) * args.dim
     models, callbacks = {}, {}
-    for variant in VARIANTS:  # time at the main sparsity
+    for variant in variants:  # time at the main sparsity
         models[variant] = _Model(kind, variant, args, args.sparsity)
         _compile(models[variant], kind, variant)
         callbacks[variant] = [] if variant.startswith("dense") else [
             dsl_tf.DynamicSparsity(args.sparsity, update_interval=args.interval, end_step=total * 10)]
-    wall: dict[str, list[float]] = {v: [] for v in VARIANTS}
-    cpu: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    wall: dict[str, list[float]] = {v: [] for v in variants}
+    cpu: dict[str, list[float]] = {v: [] for v in variants}
     for r in range(args.rounds + 1):
         for variant, model in models.items():
             w0, c0 = time.perf_counter(), time.process_time()
@@ -129,12 +133,12 @@ def measure(kind: str, args) -> dict:
         "entries": entries,
         "state_bytes": state,
         "state_ratio_vs_dense_adam": {k: v / state[f"dense+adam@{k.split('@')[1]}"] for k, v in state.items()},
-        "ms_per_step_wall": {v: sum(wall[v]) / steps * 1e3 for v in VARIANTS},
-        "ms_per_step_cpu": {v: sum(cpu[v]) / steps * 1e3 for v in VARIANTS},
-        "ms_per_step_wall_median_chunk": {v: statistics.median(wall[v]) / args.steps * 1e3 for v in VARIANTS},
-        "wall_ratio_vs_dense_adam": {v: sum(wall[v]) / ref_wall for v in VARIANTS},
-        "cpu_ratio_vs_dense_adam": {v: sum(cpu[v]) / ref_cpu for v in VARIANTS},
-        "explorations": {v: len(callbacks[v][0].explorations) for v in VARIANTS if callbacks[v]},
+        "ms_per_step_wall": {v: sum(wall[v]) / steps * 1e3 for v in variants},
+        "ms_per_step_cpu": {v: sum(cpu[v]) / steps * 1e3 for v in variants},
+        "ms_per_step_wall_median_chunk": {v: statistics.median(wall[v]) / args.steps * 1e3 for v in variants},
+        "wall_ratio_vs_dense_adam": {v: sum(wall[v]) / ref_wall for v in variants},
+        "cpu_ratio_vs_dense_adam": {v: sum(cpu[v]) / ref_cpu for v in variants},
+        "explorations": {v: len(callbacks[v][0].explorations) for v in variants if callbacks[v]},
     }
 
 
@@ -150,8 +154,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--interval", type=int, default=100, help="ΔT (explorations are timed)")
     p.add_argument("--sparsity", type=float, default=0.8, help="sparsity of the timed runs")
     p.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.8, 0.9], help="for the memory table")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS,
+                   help="variants to measure (dense+adam, the reference, always)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
+    args.variants = ["dense+adam"] + [v for v in dict.fromkeys(args.variants) if v != "dense+adam"]
     results = {"command": "PYTHONPATH=. python benchmarks/training_cost.py "
                           + " ".join(argv if argv is not None else sys.argv[1:]),
                "args": vars(args), "models": {}}
@@ -165,7 +172,7 @@ def main(argv: list[str] | None = None) -> dict:
         print("| variant | " + " | ".join(f"state / dense+adam @ s={s}" for s in args.sparsities)
               + " | ms/step wall | ms/step CPU | wall / dense+adam | CPU / dense+adam |")
         print("|---" * (5 + len(args.sparsities)) + "|")
-        for v in VARIANTS:
+        for v in args.variants:
             ratios = " | ".join(f"{r['state_ratio_vs_dense_adam'][f'{v}@{s}']:.3f}" for s in args.sparsities)
             print(f"| {v} | {ratios} | {r['ms_per_step_wall'][v]:.1f} | {r['ms_per_step_cpu'][v]:.1f} | "
                   f"{r['wall_ratio_vs_dense_adam'][v]:.3f} | {r['cpu_ratio_vs_dense_adam'][v]:.3f} |")

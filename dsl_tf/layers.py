@@ -339,9 +339,9 @@ class CompactMaskedEmbedding(MaskedEmbedding):
         # Each distinct row once (batches repeat popular rows): its values are gathered once
         # and appear once in the values' gradient.
         distinct, at = tf.unique(flat)
-        positions, slots = self._entries(distinct)
+        row, positions, slots = self._entries(distinct)
         if self.value_reader is not None:  # an optimizer whose rows lag behind: read them caught up
-            gathered = self.value_reader(positions, distinct, slots // dim)  # catch-up once per row
+            gathered = self.value_reader(positions, distinct, row)  # catch-up once per row
         else:
             source = _dense_gradient(tf.convert_to_tensor(self.values)) if self._dense_gradients else self.values
             gathered = tf.gather(source, positions)
@@ -353,12 +353,15 @@ class CompactMaskedEmbedding(MaskedEmbedding):
         compute_dtype = self._dtype_policy.compute_dtype
         return rows if rows.dtype == compute_dtype else tf.cast(rows, compute_dtype)
 
-    def _entries(self, rows: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        """``(positions, slots)`` of the active entries of ``rows`` (distinct, any order): each
-        entry's index in ``values`` and its place ``i · output_dim + col`` in the dense
-        ``[len(rows), output_dim]`` rows, both int64."""
+    def _entries(self, rows: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        """``(row, positions, slots)`` of the active entries of ``rows`` (distinct, any order):
+        each entry's index ``i`` in ``rows`` (int64), its index in ``values`` (int32: the budget
+        is below 2^31, and on CPU a gather of a vector by int32 indices is ~2.5x faster than by
+        int64 ones) and its place ``i · output_dim + col`` in the dense ``[len(rows), output_dim]``
+        rows (int64)."""
         row, positions = _ragged_entries(tf.gather(self.row_splits, rows), tf.gather(self.row_splits, rows + 1))
-        return positions, row * self.output_dim + tf.cast(tf.gather(self.col_ids, positions), tf.int64)
+        positions = tf.cast(positions, tf.int32)
+        return row, positions, row * self.output_dim + tf.cast(tf.gather(self.col_ids, positions), tf.int64)
 
     def use_dense_gradients(self, dense: bool) -> bool:
         """Whether ``values`` get a dense ``[budget]`` gradient (one segment sum) instead of
