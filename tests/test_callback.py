@@ -502,22 +502,33 @@ class _Plant(tf.keras.callbacks.Callback):
         self.before = mask
 
 
+def _rows_of_growing_scale(seed: int, rows: int = 20, dim: int = 8) -> np.ndarray:
+    """float32 [rows, dim] of random signs, row r about (r + 1)² in size."""
+    rng = np.random.default_rng(seed)
+    weights = ((np.arange(rows) + 1.0) ** 2)[:, None] * rng.uniform(0.5, 1.5, (rows, dim)) * rng.choice([-1, 1], (rows, dim))
+    return weights.astype(np.float32)
+
+
+def _frozen_table_model(storage: str, rows: int, dim: int, *head: tf.keras.layers.Layer):
+    """(table, model): a masked table of ``storage`` at s=0.5, then ``head``, a Dense(1), SGD(0) (weights stay)."""
+    tf.keras.utils.set_random_seed(0)
+    table = (dsl_tf.CompactMaskedEmbedding(rows, dim, sparsity=0.5) if storage == "compact"
+             else MaskedEmbedding(rows, dim))
+    model = tf.keras.Sequential([tf.keras.Input((1,), dtype="int64"), table, tf.keras.layers.Flatten(), *head,
+                                 tf.keras.layers.Dense(1)])
+    model.compile(tf.keras.optimizers.SGD(0.0), "mse")
+    return table, model
+
+
 @pytest.mark.parametrize("storage", ["dense", "compact"])
 def test_row_relative_pruning_ranks_each_entry_by_its_share_of_its_row(storage):
     """prune_by="row_relative" prunes the active entries with the smallest |w| / ‖row‖ (rows of very
     different scales: "magnitude" prunes whole small rows instead); both storages choose the same."""
-    rng = np.random.default_rng(3)
     rows, dim = 20, 8
-    weights = ((np.arange(rows) + 1.0) ** 2)[:, None] * rng.uniform(0.5, 1.5, (rows, dim)) * rng.choice([-1, 1], (rows, dim))
-    weights = weights.astype(np.float32)
+    weights = _rows_of_growing_scale(3, rows, dim)
     pruned = {}
     for prune_by in ("row_relative", "magnitude"):
-        tf.keras.utils.set_random_seed(0)
-        table = (dsl_tf.CompactMaskedEmbedding(rows, dim, sparsity=0.5) if storage == "compact"
-                 else MaskedEmbedding(rows, dim))
-        model = tf.keras.Sequential([tf.keras.Input((1,), dtype="int64"), table, tf.keras.layers.Flatten(),
-                                     tf.keras.layers.Dense(1)])
-        model.compile(tf.keras.optimizers.SGD(0.0), "mse")  # weights stay as planted
+        table, model = _frozen_table_model(storage, rows, dim)  # weights stay as planted
         plant = _Plant(table, weights)
         dsl = DynamicSparsity(0.5, update_interval=2, end_step=3, decay="constant", growth="random",
                               exclude_pruned=True, prune_by=prune_by)
@@ -555,23 +566,17 @@ class _ScoresBeforeExploration(tf.keras.callbacks.Callback):
 def test_row_scaled_growth_ranks_scores_times_the_row_norm(storage):
     """grow_by="row_scaled" grows the free entries with the largest |score| · ‖row‖: behind an L2 normalisation
     the paper's |score| favours small rows (their gradients carry 1 / ‖row‖); both storages choose the same."""
-    rng = np.random.default_rng(5)
     rows, dim = 20, 8
-    weights = ((np.arange(rows) + 1.0) ** 2)[:, None] * rng.uniform(0.5, 1.5, (rows, dim)) * rng.choice([-1, 1], (rows, dim))
-    x, y = np.arange(40)[:, None] % rows, rng.normal(size=(40, 1)).astype(np.float32)
+    weights = _rows_of_growing_scale(5, rows, dim)
+    x, y = np.arange(40)[:, None] % rows, np.random.default_rng(5).normal(size=(40, 1)).astype(np.float32)
     grown = {}
     for grow_by in ("row_scaled", "score"):
-        tf.keras.utils.set_random_seed(0)
-        table = (dsl_tf.CompactMaskedEmbedding(rows, dim, sparsity=0.5) if storage == "compact"
-                 else MaskedEmbedding(rows, dim))
-        model = tf.keras.Sequential([tf.keras.Input((1,), dtype="int64"), table, tf.keras.layers.Flatten(),
-                                     tf.keras.layers.UnitNormalization(), tf.keras.layers.Dense(1)])
-        model.compile(tf.keras.optimizers.SGD(0.0), "mse")  # weights stay as planted
+        table, model = _frozen_table_model(storage, rows, dim, tf.keras.layers.UnitNormalization())
         seen = _ScoresBeforeExploration(table)
         dsl = DynamicSparsity(0.5, update_interval=2, end_step=3, decay="constant", exclude_pruned=True,
                               grow_by=grow_by)
         model.fit(x, y, batch_size=20, epochs=1, shuffle=False, verbose=0,
-                  callbacks=[_Plant(table, weights.astype(np.float32)), seen, dsl])
+                  callbacks=[_Plant(table, weights), seen, dsl])
         before, effective, scores = seen.seen[1]  # step 2: the exploration's inputs
         after = table.dense_mask().numpy().astype(bool)
         grown[grow_by] = after & ~before
