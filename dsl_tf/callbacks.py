@@ -78,7 +78,7 @@ class DynamicSparsity(tf.keras.callbacks.Callback):
         (smallest ``|w| / ‖row‖₂``: an entry's share of its row, for models that
         L2-normalise the looked-up rows, where a row's raw scale does not reach the score).
       grow_by: ``"score"`` (the paper's: largest ``|growth score|``) or ``"row_scaled"``
-        (largest ``|score| · ‖row‖₂``). Behind an L2 normalisation the gradient of an
+        (largest ``|score| · ‖row‖₂``; a row without active entries keeps its scores). Behind an L2 normalisation the gradient of an
         inactive entry is its row's normalised gradient divided by ``‖row‖``; times ``‖row‖``
         it ranks entries by their effect on the normalised row, whatever the row's scale
         (the growth counterpart of ``prune_by="row_relative"``).
@@ -404,8 +404,8 @@ class DynamicSparsity(tf.keras.callbacks.Callback):
             return 0, {name: 0.0 for name in names}
         num = self._swap_count(masks.count_active(mask), int(mask.shape[0]), ratio, step, names)
         if scores is not None and self.grow_by == "row_scaled":  # |score| · ‖row‖: scale-free growth
-            scores = tf.concat([tf.reshape(tf.convert_to_tensor(l.growth_scores) * tf.norm(
-                l.embeddings * tf.cast(l.mask, l.embeddings.dtype), axis=1, keepdims=True), [-1]) for l in layers], 0)
+            scores = tf.concat([tf.reshape(tf.convert_to_tensor(l.growth_scores) * selection.row_scale(tf.norm(
+                l.embeddings * tf.cast(l.mask, l.embeddings.dtype), axis=1, keepdims=True)), [-1]) for l in layers], 0)
         if self.prune_by == "row_relative":  # rank each entry by its share of its row
             weights = tf.concat([tf.reshape(selection.row_relative(l.embeddings * tf.cast(l.mask, l.embeddings.dtype)),
                                             [-1]) for l in layers], 0)
@@ -439,7 +439,7 @@ class DynamicSparsity(tf.keras.callbacks.Callback):
         size = layer.input_dim * layer.output_dim
         num = self._swap_count(layer.budget, size, ratio, step, [layer.name])
         keys = selection.row_relative_values(values, layer.row_splits) if self.prune_by == "row_relative" else None
-        scale = selection.row_norms(values, layer.row_splits) if self.grow_by == "row_scaled" else None
+        scale = selection.row_scale(selection.row_norms(values, layer.row_splits)) if self.grow_by == "row_scaled" else None
         keep, grown = selection.compact_prune_and_grow(
             layer, num, (self.seed, step * 97 + group), source, self.exclude_pruned, keys, scale)
         regrown = masks.apply_compact_update(layer, keep, grown, self.model.optimizer)

@@ -342,7 +342,7 @@ def compact_prune_and_grow(
     Pruning ranks the active values (smallest ``|w|``; or ``prune_keys``, ``[budget]``, e.g.
     :func:`row_relative_values`). Growth, among the entries free
     after the prune (or before it, ``exclude_pruned``), ranks scores times ``grow_scale``
-    (float32 ``[rows]``, e.g. :func:`row_norms`; none: the scores as they are):
+    (float32 ``[rows]``, e.g. :func:`row_scale`; none: the scores as they are):
 
     * ``"scores"``: the largest accumulated ``|scores|`` (``growth_scores`` ``"dense"``, the
       exact accumulator, ranked by the same selection as the dense-mask storage's, so both
@@ -439,12 +439,23 @@ def row_relative_values(values: tf.Tensor, row_splits: tf.Tensor) -> tf.Tensor:
 
 def row_norms(values: tf.Tensor, row_splits: tf.Tensor) -> tf.Tensor:
     """float32 ``[rows]``: the L2 norm of each row of a compact table's ``values [budget]``
-    laid out by ``row_splits [rows + 1]``, the growth scale of ``grow_by="row_scaled"``.
+    laid out by ``row_splits [rows + 1]``.
 
     >>> row_norms(tf.constant([3.0, 4.0, 0.5]), tf.constant([0, 2, 2, 3], tf.int64)).numpy().tolist()
     [5.0, 0.0, 0.5]
     """
     return _row_norms(tf.cast(values, tf.float32), row_splits)[0]
+
+
+def row_scale(norms: tf.Tensor) -> tf.Tensor:
+    """The growth scale of ``grow_by="row_scaled"`` from row norms: the norm, and 1 for a row
+    without active entries (scaling its scores by 0 would shut an emptied row out of growth for
+    good; behind an L2 normalisation its raw scores are the largest anyway).
+
+    >>> row_scale(tf.constant([5.0, 0.0, 0.5])).numpy().tolist()
+    [5.0, 1.0, 0.5]
+    """
+    return tf.where(norms > 0, norms, tf.ones_like(norms))
 
 
 def _row_norms(values: tf.Tensor, row_splits: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:

@@ -581,7 +581,8 @@ def test_row_scaled_growth_ranks_scores_times_the_row_norm(storage):
         after = table.dense_mask().numpy().astype(bool)
         grown[grow_by] = after & ~before
         assert after.sum() == before.sum() == rows * dim // 2 and grown[grow_by].sum() == rows * dim // 4
-        key = np.abs(scores) * (np.linalg.norm(effective, axis=1, keepdims=True) if grow_by == "row_scaled" else 1)
+        norms = np.linalg.norm(effective, axis=1, keepdims=True)
+        key = np.abs(scores) * (np.where(norms > 0, norms, 1.0) if grow_by == "row_scaled" else 1)
         free = np.flatnonzero(~before)
         expected = np.zeros_like(before)
         expected.flat[free[np.argsort(-key.flat[free], kind="stable")[: rows * dim // 4]]] = True
