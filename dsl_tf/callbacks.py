@@ -404,11 +404,10 @@ class DynamicSparsity(tf.keras.callbacks.Callback):
             return 0, {name: 0.0 for name in names}
         num = self._swap_count(masks.count_active(mask), int(mask.shape[0]), ratio, step, names)
         if scores is not None and self.grow_by == "row_scaled":  # |score| · ‖row‖: scale-free growth
-            scores = tf.concat([tf.reshape(tf.convert_to_tensor(l.growth_scores) * selection.row_scale(tf.norm(
-                l.embeddings * tf.cast(l.mask, l.embeddings.dtype), axis=1, keepdims=True)), [-1]) for l in layers], 0)
+            scores = tf.concat([tf.reshape(tf.convert_to_tensor(l.growth_scores) * selection.row_scale(
+                tf.norm(l.effective_table(), axis=1, keepdims=True)), [-1]) for l in layers], 0)
         if self.prune_by == "row_relative":  # rank each entry by its share of its row
-            weights = tf.concat([tf.reshape(selection.row_relative(l.embeddings * tf.cast(l.mask, l.embeddings.dtype)),
-                                            [-1]) for l in layers], 0)
+            weights = tf.concat([tf.reshape(selection.row_relative(l.effective_table()), [-1]) for l in layers], 0)
         new_mask, _, grown = selection.prune_and_grow(
             mask, weights, scores, num, (self.seed, step * 97 + group), self.exclude_pruned)
         regrown = tf.logical_and(mask, selection.scatter_flags(tf.size(mask), grown))  # just pruned, grown again
