@@ -18,6 +18,8 @@ Usage::
     python benchmarks/figures.py --results docs/results/gowalla_two_tower.json \\
         docs/results/gowalla_mf_bpr.json --out docs/figures
     python benchmarks/figures.py --results docs/results/gowalla_converged_mf_bpr.json \\
+        docs/results/gowalla_converged_two_tower.json --figures 2 --skip-sweep
+    python benchmarks/figures.py --results docs/results/gowalla_converged_mf_bpr.json \\
         --sweep model=mf_bpr dataset=gowalla epochs=38 batch_size=8192 lr=0.003 'hparams={"l2": 0.001}' \\
         --sweep-intervals 47 94 188 376 752 --sweep-base-interval 188 --sweep-out runs/sweeps_gowalla
 """
@@ -163,6 +165,10 @@ def fig5(rows: list[dict], out: Path, sparsity: float = 0.8) -> Path:
     return _save(fig, out / "fig5_loss_curves.png")
 
 
+FROM_RESULTS = {"2": fig2, "4": fig4, "5": fig5}
+"""The figures drawn from ``benchmarks/gowalla.py`` results, by number."""
+
+
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -177,6 +183,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--results", nargs="+", required=True, help="JSON files written by benchmarks/gowalla.py")
     p.add_argument("--out", default="docs/figures")
     p.add_argument("--sweep-out", default="runs/sweeps", help="run directories of the Fig. 3 sweep")
+    p.add_argument("--figures", nargs="+", default=list(FROM_RESULTS), choices=list(FROM_RESULTS),
+                   help="which figures to draw from --results (Fig. 4 and 5 read the rows' run directories)")
     p.add_argument("--skip-sweep", action="store_true", help="do not train or draw the Fig. 3 sweep")
     p.add_argument("--sweep", nargs="*", default=[], metavar="KEY=VALUE",
                    help="Fig. 3 base configuration (TrainConfig fields, JSON values), e.g. model=mf_bpr "
@@ -189,9 +197,8 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = _rows(args.results)
-    fig2(rows, out)
-    fig4(rows, out)
-    fig5(rows, out)
+    for name in args.figures:
+        FROM_RESULTS[name](rows, out)
     if not args.skip_sweep:
         fig3(Path(args.sweep_out), out, args.verbose, key_values(args.sweep, "--sweep"), args.sweep_intervals,
              args.sweep_ratios, args.sweep_base_interval)

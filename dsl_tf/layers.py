@@ -9,6 +9,7 @@ import os
 import weakref
 from typing import Callable, Iterable, TypeVar
 
+import numpy as np
 import tensorflow as tf
 
 from dsl_tf._validation import is_integer, is_real, to_float
@@ -131,8 +132,9 @@ class MaskedEmbedding(tf.keras.layers.Embedding):
         self._score_loss_scale_owner = owner
         return True
 
-    def _track_growth_scores(self, rows: tf.Tensor, ids: tf.Tensor) -> tf.Tensor:
-        """Identity whose gradient scatter-adds ``∂L/∂rows`` into ``growth_scores``.
+    def _track_growth_scores(self, rows: tf.Tensor, ids: tf.Tensor | None) -> tf.Tensor:
+        """Identity whose gradient scatter-adds ``∂L/∂rows`` into ``growth_scores`` (``ids``
+        None: ``rows`` is the whole table, added in place).
 
         The gradient is divided by the loss scale (mixed precision) and dropped when it is
         not finite.
@@ -147,7 +149,7 @@ class MaskedEmbedding(tf.keras.layers.Embedding):
                     flat_dy = tf.reshape(tf.cast(dy, tf.float32), [-1, dim])
                     if loss_scale is not None:
                         flat_dy = flat_dy / tf.cast(loss_scale(), tf.float32)
-                    flat_ids = tf.reshape(ids, [-1])
+                    flat_ids = None if ids is None else tf.reshape(ids, [-1])
 
                     def add():
                         self._add_scores(flat_dy, flat_ids)
@@ -164,9 +166,13 @@ class MaskedEmbedding(tf.keras.layers.Embedding):
 
         return identity(rows)
 
-    def _add_scores(self, flat_dy: tf.Tensor, flat_ids: tf.Tensor) -> None:
-        """Accumulate one step's row gradients ``[n, dim]`` of rows ``flat_ids``."""
-        _local(self.growth_scores).scatter_add(tf.IndexedSlices(flat_dy, flat_ids))
+    def _add_scores(self, flat_dy: tf.Tensor, flat_ids: tf.Tensor | None) -> None:
+        """Accumulate one step's row gradients ``[n, dim]`` of rows ``flat_ids`` (None: every
+        row, in order)."""
+        if flat_ids is None:
+            _local(self.growth_scores).assign_add(flat_dy)
+        else:
+            _local(self.growth_scores).scatter_add(tf.IndexedSlices(flat_dy, flat_ids))
 
     def effective_table(self) -> tf.Tensor:
         """The whole masked table ``E ⊙ M`` (whole-table work: for export/analysis)."""
@@ -336,32 +342,44 @@ class CompactMaskedEmbedding(MaskedEmbedding):
         ids = inputs if inputs.dtype in (tf.int32, tf.int64) else tf.cast(inputs, tf.int32)
         flat = tf.reshape(ids, [-1])
         dim = self.output_dim
-        # Each distinct row once (batches repeat popular rows): its values are gathered once
-        # and appear once in the values' gradient.
-        distinct, at = tf.unique(flat)
-        row, positions, slots = self._entries(distinct)
+        if _is_every_row(ids, self.input_dim):
+            # The whole table in row order (graph models such as LightGCN read it every step):
+            # every value once, in layout order, so no deduplication and no gathers.
+            distinct, at = flat, None
+            row, positions, slots = self._entries(None)
+        else:
+            # Each distinct row once (batches repeat popular rows): its values are gathered once
+            # and appear once in the values' gradient.
+            distinct, at = tf.unique(flat)
+            row, positions, slots = self._entries(distinct)
         if self.value_reader is not None:  # an optimizer whose rows lag behind: read them caught up
             gathered = self.value_reader(positions, distinct, row)  # catch-up once per row
         else:
             source = _dense_gradient(tf.convert_to_tensor(self.values)) if self._dense_gradients else self.values
-            gathered = tf.gather(source, positions)
-        rows = _place(gathered, slots, tf.size(distinct, out_type=tf.int64) * dim)
-        rows = tf.gather(tf.reshape(rows, [-1, dim]), at)
+            gathered = tf.convert_to_tensor(source) if at is None else tf.gather(source, positions)
+        rows = tf.reshape(_place(gathered, slots, tf.size(distinct, out_type=tf.int64) * dim), [-1, dim])
+        if at is not None:
+            rows = tf.gather(rows, at)
         if self.growth_scores_mode != "none":
-            rows = self._track_growth_scores(rows, flat)
+            rows = self._track_growth_scores(rows, None if at is None else flat)
         rows = tf.reshape(rows, tf.concat([tf.shape(ids), [dim]], 0))
         compute_dtype = self._dtype_policy.compute_dtype
         return rows if rows.dtype == compute_dtype else tf.cast(rows, compute_dtype)
 
-    def _entries(self, rows: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-        """``(row, positions, slots)`` of the active entries of ``rows`` (distinct, any order):
-        each entry's index ``i`` in ``rows`` (int64), its index in ``values`` (int32: the budget
-        is below 2^31, and on CPU a gather of a vector by int32 indices is ~2.5x faster than by
-        int64 ones) and its place ``i · output_dim + col`` in the dense ``[len(rows), output_dim]``
-        rows (int64)."""
-        row, positions = _ragged_entries(tf.gather(self.row_splits, rows), tf.gather(self.row_splits, rows + 1))
+    def _entries(self, rows: tf.Tensor | None) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        """``(row, positions, slots)`` of the active entries of ``rows`` (distinct, any order;
+        None: every row in order): each entry's index ``i`` in ``rows`` (int64), its index in
+        ``values`` (int32: the budget is below 2^31, and on CPU a gather of a vector by int32
+        indices is ~2.5x faster than by int64 ones) and its place ``i · output_dim + col`` in
+        the dense ``[len(rows), output_dim]`` rows (int64)."""
+        if rows is None:
+            starts, limits = self.row_splits[:-1], self.row_splits[1:]
+        else:
+            starts, limits = tf.gather(self.row_splits, rows), tf.gather(self.row_splits, rows + 1)
+        row, positions = _ragged_entries(starts, limits)
         positions = tf.cast(positions, tf.int32)
-        return row, positions, row * self.output_dim + tf.cast(tf.gather(self.col_ids, positions), tf.int64)
+        cols = self.col_ids if rows is None else tf.gather(self.col_ids, positions)
+        return row, positions, row * self.output_dim + tf.cast(cols, tf.int64)
 
     def use_dense_gradients(self, dense: bool) -> bool:
         """Whether ``values`` get a dense ``[budget]`` gradient (one segment sum) instead of
@@ -376,10 +394,12 @@ class CompactMaskedEmbedding(MaskedEmbedding):
         self._dense_gradients = bool(dense)
         return changed
 
-    def _add_scores(self, flat_dy: tf.Tensor, flat_ids: tf.Tensor) -> None:
+    def _add_scores(self, flat_dy: tf.Tensor, flat_ids: tf.Tensor | None) -> None:
         if self.growth_scores_mode == "dense":
             super()._add_scores(flat_dy, flat_ids)
             return
+        if flat_ids is None:
+            flat_ids = tf.range(self.input_dim, dtype=tf.int64)
         if self.growth_scores_mode == "int8":  # O(batch · dim): the looked-up rows only
             rows, at = tf.unique(tf.cast(flat_ids, tf.int64))
             old = _dequantized(tf.gather(self.score_q, rows), tf.gather(self.score_scale, rows))
@@ -592,6 +612,17 @@ def _ragged_entries(starts: tf.Tensor, limits: tf.Tensor) -> tuple[tf.Tensor, tf
     tags = tf.bitwise.left_shift(tf.range(tf.size(starts, out_type=tf.int64)), 32)
     numbered = tf.ragged.range(starts + tags, limits + tags).flat_values
     return tf.bitwise.right_shift(numbered, 32), tf.bitwise.bitwise_and(numbered, 0xFFFFFFFF)
+
+
+def _is_every_row(ids: tf.Tensor, rows: int) -> bool:
+    """Whether ``ids`` are known, when traced, to be the vector ``0, 1, …, rows − 1`` (e.g.
+    ``tf.range(rows)``, as a graph model reads its whole table; TF cannot tell through a reshape).
+
+    >>> _is_every_row(tf.range(4), 4), _is_every_row(tf.constant([0, 1, 3, 2]), 4)
+    (True, False)
+    """
+    known = tf.get_static_value(ids)
+    return known is not None and known.shape == (rows,) and bool(np.array_equal(known, np.arange(rows)))
 
 
 def _place(entries: tf.Tensor, slots: tf.Tensor, size: tf.Tensor) -> tf.Tensor:

@@ -328,3 +328,51 @@ def test_value_gradients_are_dense_only_for_optimizers_that_update_the_whole_var
         assert grad.shape == [table.budget] and int(tf.math.count_nonzero(grad)) == looked_up
     else:
         assert sorted(grad.indices.numpy().tolist()) == list(range(int(table.row_splits[1]), int(table.row_splits[3])))
+
+
+@pytest.mark.parametrize("scores", ["dense", "int8", "window", "none"])
+@pytest.mark.parametrize("dense_gradients", [False, True])
+def test_whole_table_lookup_equals_the_row_lookup(scores, dense_gradients):
+    """A traced lookup of ``tf.range(rows)`` (LightGCN reads its whole table every step) skips the
+    deduplication and gathers: same rows, same values' gradient, same growth scores as the same ids
+    looked up as data."""
+    rng = np.random.default_rng(7)
+    rows, dim = 50, 6
+    tables = []
+    for _ in range(2):
+        layer = CompactMaskedEmbedding(rows, dim, sparsity=0.7, growth_scores=scores, score_capacity=64)
+        layer.build(None)
+        layer.set_layout(tf.constant(np.sort(rng.choice(rows * dim, layer.budget, replace=False)), tf.int64))
+        layer.use_dense_gradients(dense_gradients)
+        if scores != "none":
+            layer.score_tracking.assign(True)
+        tables.append(layer)
+    whole, by_rows = tables
+    by_rows.set_layout(whole.positions())
+    values = rng.normal(size=whole.budget).astype(np.float32)
+    for layer in tables:
+        layer.values.assign(values)
+    weights = tf.constant(rng.normal(size=(rows, dim)).astype(np.float32))
+
+    @tf.function
+    def step(layer, ids=None):
+        with tf.GradientTape() as tape:
+            out = layer(tf.range(rows, dtype=tf.int64) if ids is None else ids)
+            loss = tf.reduce_sum(out * out * weights)
+        return out, tf.convert_to_tensor(tape.gradient(loss, layer.values))
+
+    out, grad = step(whole)
+    traced = {op.type for op in step.get_concrete_function(whole).graph.get_operations()}
+    assert "Unique" not in traced and "Unique" in {
+        op.type for op in step.get_concrete_function(by_rows, tf.TensorSpec([rows], tf.int64)).graph.get_operations()}
+    expected_out, expected_grad = step(by_rows, tf.constant(np.arange(rows), tf.int64))  # data: not known when traced
+    np.testing.assert_array_equal(out.numpy(), expected_out.numpy())
+    np.testing.assert_array_equal(out.numpy(), by_rows.effective_table().numpy())
+    np.testing.assert_allclose(grad.numpy(), expected_grad.numpy(), rtol=1e-6)
+    if scores in ("dense", "int8"):
+        np.testing.assert_allclose(whole.score_reader()(0, rows).numpy(), by_rows.score_reader()(0, rows).numpy(),
+                                   rtol=1e-6)
+        assert np.count_nonzero(whole.score_reader()(0, rows).numpy()) > 0
+    if scores == "window":
+        np.testing.assert_array_equal(whole.window_scores()[0].numpy(), by_rows.window_scores()[0].numpy())
+        np.testing.assert_allclose(whole.window_scores()[1].numpy(), by_rows.window_scores()[1].numpy(), rtol=1e-6)

@@ -337,3 +337,18 @@ def test_bench_reuses_a_run_whose_marker_predates_a_new_config_field(tmp_path, m
     assert bench.train_or_reuse(cfg) == first
     with pytest.raises(pytest.fail.Exception, match="retrained"):
         bench.train_or_reuse(_config(tmp_path, "dsl", epochs=1, prune_by="row_relative"))
+
+
+def test_figures_draws_only_the_figures_asked_for(tmp_path):
+    """--figures 2 draws Fig. 2 from the results alone: Fig. 4 and 5, which read run directories, are not drawn."""
+    from benchmarks.figures import main
+
+    rows = [{"model": "mf_bpr", "method": m, "sparsity": s, "recall@20": r, "run": str(tmp_path / "absent")}
+            for m, s, r in (("dense", 0.0, 0.12), ("dsl", 0.5, 0.11), ("dsl", 0.8, 0.10))]
+    (tmp_path / "results.json").write_text(json.dumps({"rows": rows}))
+    main(["--results", str(tmp_path / "results.json"), "--out", str(tmp_path / "figs"), "--figures", "2",
+          "--skip-sweep"])
+    assert sorted(p.name for p in (tmp_path / "figs").iterdir()) == ["fig2_performance_sparsity.png"]
+    with pytest.raises(FileNotFoundError):  # Fig. 4 needs the runs' masks
+        main(["--results", str(tmp_path / "results.json"), "--out", str(tmp_path / "figs"), "--figures", "4",
+              "--skip-sweep"])
