@@ -344,7 +344,8 @@ class CompactMaskedEmbedding(MaskedEmbedding):
         dim = self.output_dim
         if _is_every_row(ids, self.input_dim):
             # The whole table in row order (graph models such as LightGCN read it every step):
-            # every value once, in layout order, so no deduplication and no gathers.
+            # every value once, in layout order, so no deduplication, no gathers, and the values'
+            # gradient is dense (every entry has one).
             distinct, at = flat, None
             row, positions, slots = self._entries(None)
         else:
