@@ -171,8 +171,13 @@ class MaskedEmbedding(tf.keras.layers.Embedding):
         row, in order)."""
         if flat_ids is None:
             _local(self.growth_scores).assign_add(flat_dy)
-        else:
-            _local(self.growth_scores).scatter_add(tf.IndexedSlices(flat_dy, flat_ids))
+            return
+        # A repeated id's rows are summed first, in batch order: on CPU a scatter-add with
+        # repeated indices adds them in a thread-dependent order, and the round-off flips
+        # near-tied growth ranks, so two runs with one seed (or a run and its resume) diverged.
+        rows, at = tf.unique(flat_ids)
+        sums = tf.math.unsorted_segment_sum(flat_dy, at, tf.size(rows))
+        _local(self.growth_scores).scatter_add(tf.IndexedSlices(sums, rows))
 
     def effective_table(self) -> tf.Tensor:
         """The whole masked table ``E ⊙ M`` (whole-table work: for export/analysis)."""

@@ -275,6 +275,34 @@ def test_interrupted_resumed_fit_of_the_shuffled_pipeline_is_identical(tmp_path,
         np.testing.assert_allclose(resumed[name], whole[name], atol=1e-6, rtol=0, err_msg=name)
 
 
+@pytest.mark.parametrize("repeat", [False, True])
+def test_fit_trains_each_pass_in_the_order_of_the_step_it_starts_at(repeat):
+    """The step that keys a pass is read before the step's own increment: Keras' optimizer
+    increments ``iterations`` with no data dependency on the batch, so without an ordering the
+    read gave ``s + 1`` (or ``s``, by thread scheduling), which made runs differ (CI)."""
+    data = synthetic(num_users=80, num_items=120, mean_interactions=20, seed=0)
+    tf.keras.utils.set_random_seed(0)
+    model = build_model("two_tower", data.num_users, data.num_items, dim=8, seed=0)
+    model.attach(data.train)
+    model.compile(tf.keras.optimizers.Adam(0.05))
+    steps = int(data.as_dataset(128).cardinality())
+    seen = []
+
+    def record(batch):
+        users = tf.numpy_function(lambda u: (seen.append(u.copy()), u)[1], [batch["user_id"]], batch["user_id"].dtype)
+        return {**batch, "user_id": tf.ensure_shape(users, batch["user_id"].shape)}
+
+    ds = model.make_dataset(data, 128, seed=5, repeat=repeat)
+    model.fit(ds.map(record), epochs=3, verbose=0, **({"steps_per_epoch": steps} if repeat else {}))
+    expected = []
+    for start in (0, steps, 2 * steps):  # each pass as the pipeline gives it at its first step
+        model.optimizer.iterations.assign(start)
+        expected += [b["user_id"] for b in model.make_dataset(data, 128, seed=5).as_numpy_iterator()]
+    assert len(seen) >= 3 * steps
+    for got, want in zip(seen[:3 * steps], expected):
+        np.testing.assert_array_equal(got, want)
+
+
 def test_make_dataset_order_is_keyed_by_seed_and_step():
     data = synthetic(num_users=40, num_items=60, mean_interactions=10, seed=1)
     for name in ("two_tower", "cdae"):

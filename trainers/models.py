@@ -200,8 +200,14 @@ class Recommender(tfrs.models.Model):
         ``tfrs.models.Model.train_step`` returns the batch's loss, so Keras' ``History`` would
         hold the loss of each epoch's last batch; ``regularization_loss`` and ``total_loss``
         stay per-batch values.
+
+        Every op of the step waits for the batch: the optimizer's step increment has no data
+        dependency on it, so it could run before :func:`step_keyed_batches` read the step that
+        keys a pass, and that pass was shuffled by step ``s`` or ``s + 1`` depending on thread
+        scheduling.
         """
-        logs = super().train_step(inputs)
+        with tf.control_dependencies(tf.nest.flatten(inputs)):
+            logs = super().train_step(inputs)
         mean = self.__dict__["_epoch_loss"]
         mean.update_state(logs["loss"])
         return {**logs, "loss": mean.result()}
