@@ -80,7 +80,9 @@ def step_keyed_batches(
     ``shuffle(reshuffle_each_iteration=True)`` does): the epochs of a ``fit`` start at
     different steps, so they get different orders, and an epoch replayed after
     ``tf.keras.callbacks.BackupAndRestore`` restored the step gets the order it had in the
-    uninterrupted run.
+    uninterrupted run. The step is read while the training step fetches its batch, so
+    ``model``'s step must make its step increment wait for the batch, as
+    :meth:`Recommender.train_step` does (Keras' optimizer increments with no data dependency).
 
     * ``repeat=False``: one pass per iteration, keyed by ``model.optimizer.iterations``
       read when the pass starts (until ``model`` is compiled, by the pass count instead);
