@@ -14,7 +14,7 @@ from dsl_tf.layers import MaskedEmbedding, masked_embeddings
 from dsl_tf.schedules import SCHEDULES, UpdateSchedule
 
 GROWTH_MODES = ("gradient", "momentum", "random", "none")
-BUDGET_MODES = ("per_layer", "global")
+BUDGET_MODES = ("per_layer", "global", "per_row")
 
 
 class DynamicSparsity(tf.keras.callbacks.Callback):
@@ -66,8 +66,13 @@ class DynamicSparsity(tf.keras.callbacks.Callback):
       growth: ``"gradient"`` (paper; RigL), ``"momentum"`` (scores decayed by ``momentum``
         across intervals instead of reset), ``"random"`` (SET) or ``"none"`` (static
         random mask: the paper's RP baseline).
-      budget: ``"per_layer"`` (each table keeps its own budget) or ``"global"`` (one
-        budget over all tables, which may trade entries between them).
+      budget: ``"per_layer"`` (each table keeps its own budget), ``"global"`` (one
+        budget over all tables, which may trade entries between them) or ``"per_row"``
+        (each table keeps its budget, and each row for good the ``budget // rows`` or one more
+        entries of its initial mask, columns at random, :func:`dsl_tf.masks.row_balanced_positions`:
+        row ``r`` swaps ``floor(ρ_t · k_r)`` entries within itself, :func:`dsl_tf.selection.row_swap`;
+        the budget cannot drift to popular rows, and a compact table's row layout stays fixed;
+        ``prune_by`` / ``grow_by`` rank within a row as the paper's criteria do).
       momentum: decay of the ``"momentum"`` growth scores, in [0, 1).
       exclude_pruned: ``False`` (the paper's and RigL's rule): grow among all entries
         inactive after the prune, so a just-pruned entry may be regrown (from 0, with
@@ -240,6 +245,9 @@ class DynamicSparsity(tf.keras.callbacks.Callback):
                         f"initialised, got {dict(zip([l.name for l in layers], initialized))}"
                     )
                 new = masks.initial_positions(sizes, masks.budget(sum(sizes), self.sparsity), self.seed, True)
+            elif self.budget == "per_row":
+                new = [masks.row_balanced_positions(l.input_dim, l.output_dim, b, (self.seed, i))
+                       for i, (l, b) in enumerate(zip(layers, self._budgets))]
             else:
                 new = masks.initial_positions(sizes, self._budgets, self.seed, chunked=True)
             for layer, done, positions in zip(layers, initialized, new):
@@ -247,7 +255,7 @@ class DynamicSparsity(tf.keras.callbacks.Callback):
                     masks.install_positions(layer, positions, self.model.optimizer)
                     layer.reset_scores()
         active = [masks.active_count(l) for l in layers]
-        if self.budget == "per_layer" and active != self._budgets:
+        if self.budget != "global" and active != self._budgets:
             raise ValueError(
                 "existing masks do not match the requested sparsity: active entries "
                 f"{dict(zip([l.name for l in layers], active))}, budgets "
@@ -361,7 +369,7 @@ class DynamicSparsity(tf.keras.callbacks.Callback):
             stats.update({f"dsl_mask_changed/{name}": c for name, c in changed.items()})
         active = [masks.active_count(layer) for layer in layers]
         for layer, count, expected in zip(layers, active, self._budgets):
-            if self.budget == "per_layer" and count != expected:
+            if self.budget != "global" and count != expected:
                 raise RuntimeError(f"budget broken on {layer.name}: {count} active, expected {expected}")
             if self.growth in ("gradient", "momentum"):
                 layer.reset_scores(self.momentum if self.growth == "momentum" else 0.0)
@@ -394,6 +402,8 @@ class DynamicSparsity(tf.keras.callbacks.Callback):
         """
         if masks.is_compact(layers[0]):
             return self._explore_compact(layers[0], ratio, step, group)
+        if self.budget == "per_row":
+            return self._explore_rows(layers[0], ratio, step, group)
         mask = tf.concat([tf.reshape(tf.cast(l.mask, tf.bool), [-1]) for l in layers], 0)
         weights = tf.concat([tf.reshape(l.embeddings, [-1]) for l in layers], 0)
         scores = None
@@ -419,6 +429,20 @@ class DynamicSparsity(tf.keras.callbacks.Callback):
             masks.apply_mask(layer, new, self.model.optimizer, fresh)
         return num, changed
 
+    def _explore_rows(self, layer: MaskedEmbedding, ratio: float, step: int, group: int
+                      ) -> tuple[int, dict[str, float]]:
+        """:meth:`_explore_group` with ``budget="per_row"`` (a dense-mask table)."""
+        mask = tf.cast(layer.mask, tf.bool)
+        scores = tf.convert_to_tensor(layer.growth_scores) if self.growth in ("gradient", "momentum") else None
+        if not self._ready([layer.name], step, layer.embeddings, scores):
+            return 0, {layer.name: 0.0}
+        new, grown = selection.rows_prune_and_grow(mask, layer.embeddings, scores, ratio,
+                                                   (self.seed, step * 97 + group), self.exclude_pruned)
+        _check_row_counts(layer.name, tf.math.count_nonzero(mask, 1), tf.math.count_nonzero(new, 1))
+        changed = int(tf.math.count_nonzero(mask != new, dtype=tf.int64)) / int(tf.size(mask))
+        masks.apply_mask(layer, tf.reshape(new, [-1]), self.model.optimizer, tf.reshape(mask & grown, [-1]))
+        return int(tf.math.count_nonzero(grown, dtype=tf.int64)), {layer.name: changed}
+
     def _explore_compact(
         self, layer: MaskedEmbedding, ratio: float, step: int, group: int
     ) -> tuple[int, dict[str, float]]:
@@ -436,6 +460,14 @@ class DynamicSparsity(tf.keras.callbacks.Callback):
         if not self._ready([layer.name], step, values, scores):
             return 0, {layer.name: 0.0}
         size = layer.input_dim * layer.output_dim
+        if self.budget == "per_row":
+            splits = tf.identity(layer.row_splits)
+            keep, grown = selection.compact_rows_prune_and_grow(layer, ratio, (self.seed, step * 97 + group), source,
+                                                                self.exclude_pruned)
+            num = sum(int(tf.size(g)) for g in grown)
+            regrown = masks.apply_compact_update(layer, keep, grown, self.model.optimizer)
+            _check_row_counts(layer.name, splits[1:] - splits[:-1], layer.row_splits[1:] - layer.row_splits[:-1])
+            return num, {layer.name: 2 * (num - regrown) / size}
         num = self._swap_count(layer.budget, size, ratio, step, [layer.name])
         keys = selection.row_relative_values(values, layer.row_splits) if self.prune_by == "row_relative" else None
         scale = selection.row_scale(selection.row_norms(values, layer.row_splits)) if self.grow_by == "row_scaled" else None
@@ -483,10 +515,20 @@ class DynamicSparsity(tf.keras.callbacks.Callback):
                     f"{layer.name!r} stores {layer.budget} active entries (sparsity {layer.sparsity}) but "
                     f"DynamicSparsity asks for {expected}: give both the same sparsity")
             needs = {"gradient": ("dense", "int8", "window"), "momentum": ("dense", "int8")}.get(self.growth)
+            if needs and self.budget == "per_row":
+                needs = ("dense", "int8")  # a row's exploration reads the scores of all its entries
             if needs and layer.growth_scores_mode not in needs:
                 raise ValueError(
                     f"growth={self.growth!r} needs growth_scores in {needs}, but {layer.name!r} was built "
                     f"with growth_scores={layer.growth_scores_mode!r}")
+
+
+def _check_row_counts(name: str, before: tf.Tensor, after: tf.Tensor) -> None:
+    """``budget="per_row"``: every row of table ``name`` kept its count of active entries."""
+    moved = tf.where(tf.cast(before, tf.int64) != tf.cast(after, tf.int64))[:, 0]
+    if int(tf.size(moved)):
+        raise RuntimeError(f"per-row budget broken on {name}: {int(tf.size(moved))} rows changed their count "
+                           f"(first: row {int(moved[0])})")
 
 
 def catch_up_optimizer(optimizer) -> None:

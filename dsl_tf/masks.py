@@ -40,6 +40,30 @@ def initial_positions(
     return [selection.random_positions(size, b, (seed, i), chunked) for i, (size, b) in enumerate(zip(sizes, budgets))]
 
 
+def row_balanced_positions(rows: int, dim: int, budget: int, seed: tuple[int, int]) -> list[tf.Tensor]:
+    """The initial mask of ``DynamicSparsity(budget="per_row")``: ``budget`` flat positions
+    (int64, per row chunk of :func:`dsl_tf.selection.row_chunks`) with every row holding
+    ``budget // rows`` or one more (those rows drawn at random), its columns uniformly at random.
+    A row keeps its count for good under that budget, so none may start empty by chance.
+
+    >>> positions = tf.concat(row_balanced_positions(4, 8, 10, (0, 0)), 0)
+    >>> sorted(np.bincount(positions.numpy() // 8, minlength=4).tolist())
+    [2, 2, 3, 3]
+    """
+    if not 0 <= budget <= rows * dim:
+        raise ValueError(f"budget must be in [0, {rows * dim}] ({rows} x {dim} entries), got {budget!r}")
+    extra = selection.scatter_flags(rows, selection.random_positions(rows, budget % rows, seed))
+    counts = budget // rows + tf.cast(extra, tf.int64)
+    columns_seed = tf.constant(seed, tf.int64) + [0, 1]
+    out = []
+    for c, (r0, r1) in enumerate(selection.row_chunks(rows, dim)):
+        keys = tf.random.stateless_uniform([r1 - r0, dim], seed=tf.random.experimental.stateless_fold_in(columns_seed, c))
+        ranks = tf.argsort(tf.argsort(keys, axis=1), axis=1)  # a random permutation of the columns per row
+        chosen = tf.where(tf.reshape(tf.cast(ranks, tf.int64) < counts[r0:r1, None], [-1]))[:, 0]
+        out.append(chosen + r0 * dim)
+    return out
+
+
 def initial_masks(sizes: list[int], budgets: list[int] | int, seed: int) -> list[tf.Tensor]:
     """The flat bool masks of :func:`initial_positions`."""
     return [selection.scatter_flags(size, positions)

@@ -407,6 +407,122 @@ def compact_prune_and_grow(
     return keep, grown_chunks + map_chunks(draw, [c for c, quota in enumerate(shares) if quota])
 
 
+def row_swap(active: tf.Tensor, prune_keys: tf.Tensor, grow_keys: tf.Tensor, ratio: float, seed,
+             exclude_pruned: bool = False) -> tuple[tf.Tensor, tf.Tensor]:
+    """Prune and grow within each row: the exploration of ``DynamicSparsity(budget="per_row")``.
+
+    Row ``r`` with ``k_r`` active entries swaps ``floor(ratio · k_r)`` of them
+    (:func:`swap_count` of the row): its active entries with the smallest ``|prune_keys|``
+    are pruned and, among its entries free after the prune (before it, ``exclude_pruned``,
+    which caps the swap at the row's free count), those with the largest ``|grow_keys|``
+    grown; ties in random order. Every row keeps its count. Works on ``[rows, dim]`` tensors
+    (at explorations, by row chunks: :func:`row_chunks`).
+
+    Args:
+      active: bool [rows, dim].
+      prune_keys: float [rows, dim], e.g. the weights (only the active entries' are read).
+      grow_keys: float [rows, dim], e.g. growth scores or uniform noise (only the free
+        entries' are read).
+      ratio: ρ_t.
+      seed: stateless seed (two ints) for the ties.
+      exclude_pruned: grow only among the entries inactive before the prune.
+
+    Returns:
+      ``(pruned, grown)``: bool [rows, dim].
+
+    >>> active = tf.constant([[True, True, False, False], [True, False, False, False]])
+    >>> w = tf.constant([[0.1, -2.0, 0.0, 0.0], [3.0, 0.0, 0.0, 0.0]])
+    >>> g = tf.constant([[0.0, 0.0, -5.0, 1.0], [0.0, 4.0, 0.0, 0.0]])
+    >>> pruned, grown = row_swap(active, w, g, 0.5, (0, 0))  # row 1: floor(0.5 · 1) = 0 swaps
+    >>> tf.cast(pruned, tf.int32).numpy().tolist(), tf.cast(grown, tf.int32).numpy().tolist()
+    ([[1, 0, 0, 0], [0, 0, 0, 0]], [[0, 0, 1, 0], [0, 0, 0, 0]])
+    """
+    active = tf.convert_to_tensor(active, tf.bool)
+    seed = tf.cast(seed, tf.int64)
+    counts = tf.math.count_nonzero(active, axis=1, dtype=tf.int64)
+    num = tf.cast(tf.floor(tf.cast(ratio, tf.float64) * tf.cast(counts, tf.float64)), tf.int64)  # as swap_count
+    if exclude_pruned:
+        num = tf.minimum(num, tf.cast(tf.shape(active)[1], tf.int64) - counts)
+    inf = tf.constant(np.inf, tf.float32)
+    prune = tf.where(active, tf.abs(tf.cast(prune_keys, tf.float32)), inf)
+    pruned = tf.cast(_row_ranks(prune, seed), tf.int64) < num[:, None]
+    occupied = active if exclude_pruned else tf.logical_and(active, tf.logical_not(pruned))
+    grow = tf.where(occupied, inf, -tf.abs(tf.cast(grow_keys, tf.float32)))
+    return pruned, tf.cast(_row_ranks(grow, seed + [2, 0]), tf.int64) < num[:, None]
+
+
+def _row_ranks(keys: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+    """Each entry's rank (int32) in its row by ascending ``keys``, ties in random order."""
+    shuffle = tf.argsort(tf.random.stateless_uniform(tf.shape(keys), seed=seed), axis=1)
+    order = tf.gather(shuffle, tf.argsort(tf.gather(keys, shuffle, batch_dims=1), axis=1, stable=True),
+                      batch_dims=1)
+    return tf.argsort(order, axis=1)  # the inverse permutation
+
+
+def row_chunks(rows: int, dim: int) -> list[tuple[int, int]]:
+    """Row ranges ``[r0, r1)`` of at most :data:`CHUNK` entries (at least 64 rows), as
+    ``CompactMaskedEmbedding.row_chunks``: the unit of a per-row exploration, the same for
+    both storages so that they choose the same entries.
+
+    >>> row_chunks(100, 1 << 20)
+    [(0, 64), (64, 100)]
+    """
+    step = max(64, CHUNK // dim // 64 * 64)
+    return [(r0, min(r0 + step, rows)) for r0 in range(0, rows, step)]
+
+
+def rows_prune_and_grow(active: tf.Tensor, weights: tf.Tensor, grow_scores: tf.Tensor | None, ratio: float,
+                        seed: tuple[int, int], exclude_pruned: bool = False) -> tuple[tf.Tensor, tf.Tensor]:
+    """:func:`row_swap` over a whole ``[rows, dim]`` table by :func:`row_chunks`; growth by
+    ``|grow_scores|`` or, if None, uniformly at random (SET). Returns ``(new_active, grown)``,
+    bool ``[rows, dim]``.
+
+    >>> new, grown = rows_prune_and_grow(tf.constant([[True, True, False]]), tf.constant([[1.0, 0.5, 0.0]]),
+    ...                                  tf.constant([[0.0, 0.0, 2.0]]), 0.5, (0, 0))
+    >>> new.numpy().tolist(), grown.numpy().tolist()
+    ([[True, False, True]], [[False, False, True]])
+    """
+    active = tf.convert_to_tensor(active, tf.bool)
+    seed = tf.constant(seed, tf.int64)
+    news, growns = [], []
+    for c, (r0, r1) in enumerate(row_chunks(int(active.shape[0]), int(active.shape[1]))):
+        chunk_seed = _fold(seed, c)
+        scores = (tf.random.stateless_uniform([r1 - r0, active.shape[1]], seed=chunk_seed + [1, 0])
+                  if grow_scores is None else grow_scores[r0:r1])
+        pruned, grown = row_swap(active[r0:r1], weights[r0:r1], scores, ratio, chunk_seed, exclude_pruned)
+        news.append(tf.logical_or(tf.logical_and(active[r0:r1], tf.logical_not(pruned)), grown))
+        growns.append(grown)
+    return tf.concat(news, 0), tf.concat(growns, 0)
+
+
+def compact_rows_prune_and_grow(layer, ratio: float, seed: tuple[int, int], growth: str = "scores",
+                                exclude_pruned: bool = False) -> tuple[tf.Tensor, list[tf.Tensor]]:
+    """:func:`rows_prune_and_grow` on a :class:`dsl_tf.CompactMaskedEmbedding`, chunk by chunk
+    (memory O(budget + chunk)); growth by the layer's ``score_reader`` (``"scores"``) or at
+    random (``"random"``). Each row keeps its count, so the layout's row splits are unchanged.
+
+    Returns ``(keep, grown)`` as :func:`compact_prune_and_grow` (for
+    :func:`dsl_tf.masks.apply_compact_update`).
+    """
+    if growth not in ("scores", "random"):
+        raise ValueError(f"a per-row exploration grows by 'scores' or 'random', got {growth!r}")
+    seed, dim = tf.constant(seed, tf.int64), layer.output_dim
+    values = tf.convert_to_tensor(layer.values)
+    read = layer.score_reader() if growth == "scores" else None
+    keep, grown = [], []
+    for c, (r0, r1) in enumerate(row_chunks(layer.input_dim, dim)):
+        v0, v1, local = layer.chunk_positions(r0, r1)
+        shape, size = [r1 - r0, dim], (r1 - r0) * dim
+        chunk_seed = _fold(seed, c)
+        active = tf.reshape(scatter_flags(size, local), shape)
+        weights = tf.reshape(tf.scatter_nd(local[:, None], tf.cast(values[v0:v1], tf.float32), [size]), shape)
+        scores = read(r0, r1) if read else tf.random.stateless_uniform(shape, seed=chunk_seed + [1, 0])
+        pruned, new = row_swap(active, weights, scores, ratio, chunk_seed, exclude_pruned)
+        keep.append(tf.logical_not(tf.gather(tf.reshape(pruned, [-1]), local)))
+        grown.append(tf.where(tf.reshape(new, [-1]))[:, 0] + r0 * dim)
+    return tf.concat(keep, 0), grown
+
+
 PRUNE_CRITERIA = ("magnitude", "row_relative")
 GROW_CRITERIA = ("score", "row_scaled")
 

@@ -39,10 +39,11 @@ class _CopyInitialValues(tf.keras.callbacks.Callback):
 
 
 @pytest.mark.parametrize("growth, criteria", [("gradient", {}), ("momentum", {}),
-                                              ("gradient", dict(prune_by="row_relative", grow_by="row_scaled"))])
+                                              ("gradient", dict(prune_by="row_relative", grow_by="row_scaled")),
+                                              ("gradient", dict(budget="per_row")), ("random", dict(budget="per_row"))])
 def test_compact_and_dense_storage_train_identically(growth, criteria):
     """Same seed, data, Adam and 15 explorations: same masks, same weights (1e-6); also with the
-    row-relative prune and row-scaled growth."""
+    row-relative prune and row-scaled growth, and with per-row budgets (gradient and random growth)."""
     x, y = _data()
     kwargs = dict(sparsity=0.75, update_interval=4, initial_update_ratio=0.5, growth=growth, seed=3, **criteria)
     dense = _model(MaskedEmbedding)
@@ -59,6 +60,51 @@ def test_compact_and_dense_storage_train_identically(growth, criteria):
     np.testing.assert_allclose(compact.predict(x[:50], verbose=0), dense.predict(x[:50], verbose=0), atol=1e-5)
     for c, d in zip(dsl_c.explorations, dsl_d.explorations):
         assert c["dsl_mask_changed/table"] == pytest.approx(d["dsl_mask_changed/table"])
+
+
+class _InitialMask(tf.keras.callbacks.Callback):
+    """Records the table's mask once DynamicSparsity (listed before) has installed it."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.layer, self.mask = layer, None
+
+    def on_train_begin(self, logs=None):
+        self.mask = _dense_mask(self.layer)
+
+
+def _dense_mask(layer) -> np.ndarray:
+    return layer.dense_mask().numpy() if masks.is_compact(layer) else layer.mask.numpy().astype(bool)
+
+
+@pytest.mark.parametrize("layer_cls", [MaskedEmbedding, CompactMaskedEmbedding])
+def test_per_row_budget_keeps_every_rows_count_and_swaps_floor_rho_k_per_row(layer_cls):
+    """``budget="per_row"``: the initial mask gives each row budget // rows or one more entries
+    (96 over 40 rows: 16 rows of 3, 24 of 2); after 14 explorations every row still has its
+    count, each exploration swapped Σ_r floor(ρ_t · k_r) entries, and the masks moved."""
+    x, y = _data()
+    extra = dict(sparsity=0.7, growth_scores="dense") if layer_cls is CompactMaskedEmbedding else {}
+    model = _model(layer_cls, **extra)
+    table = model.layers[0]
+    callback = DynamicSparsity(sparsity=0.7, update_interval=4, budget="per_row", seed=5)
+    initial = _InitialMask(table)
+    model.fit(x, y, batch_size=20, epochs=2, shuffle=False, verbose=0, callbacks=[callback, initial])
+    counts = initial.mask.sum(1)
+    assert np.bincount(counts).tolist() == [0, 0, 24, 16]  # 96 = round(0.3 x 40 x 8) entries
+    final = _dense_mask(table)
+    np.testing.assert_array_equal(final.sum(1), counts)
+    assert (final != initial.mask).sum() > 0
+    assert len(callback.explorations) == 14
+    for exploration in callback.explorations:
+        want = int(sum(np.floor(exploration["dsl_update_ratio"] * k) for k in counts))
+        assert exploration["dsl_num_swapped"] == want
+
+
+def test_per_row_budget_is_refused_with_window_scores():
+    model = _model(CompactMaskedEmbedding, sparsity=0.75, growth_scores="window")
+    x, y = _data()
+    with pytest.raises(ValueError, match="growth_scores in \\('dense', 'int8'\\)"):
+        model.fit(x, y, epochs=1, verbose=0, callbacks=[DynamicSparsity(sparsity=0.75, budget="per_row")])
 
 
 def test_trainable_state_is_only_the_budget():

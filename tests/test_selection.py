@@ -241,3 +241,36 @@ def test_top_k_indices_orders_every_float_like_numpy():
         threshold = np.sort(keys)[::-1][k - 1]
         assert set(np.flatnonzero(keys > threshold)) <= got and len(got) == k
         assert all(keys[i] >= threshold for i in got), (k, got, order)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 60), st.integers(1, 12), st.floats(0.05, 0.95), st.floats(0.0, 1.0), st.integers(0, 2**30),
+       st.booleans())
+def test_row_swap_prunes_and_grows_each_row_like_numpy(rows, dim, sparsity, ratio, seed, exclude_pruned):
+    """``budget="per_row"``: each row is the numpy rule on that row alone, with its own
+    ``floor(ratio · k_r)`` (capped at the row's free count with ``exclude_pruned``)."""
+    rng = np.random.default_rng(seed)
+    mask = rng.random((rows, dim)) > sparsity
+    w, score = rng.normal(size=(rows, dim)), rng.normal(size=(rows, dim))  # distinct: no ties
+    pruned, grown = selection.row_swap(tf.constant(mask), tf.constant(w, tf.float32), tf.constant(score, tf.float32),
+                                       ratio, (seed, 1), exclude_pruned)
+    new = (mask & ~pruned.numpy()) | grown.numpy()
+    for r in range(rows):
+        k = int(mask[r].sum())
+        num = min(int(np.floor(ratio * k)), dim - k) if exclude_pruned else int(np.floor(ratio * k))
+        want, want_pruned, want_grown = _np_prune_grow(mask[r], w[r], score[r], num, exclude_pruned)
+        np.testing.assert_array_equal(new[r], want)
+        assert set(np.flatnonzero(pruned.numpy()[r]).tolist()) == want_pruned
+        assert set(np.flatnonzero(grown.numpy()[r]).tolist()) == want_grown
+    np.testing.assert_array_equal(new.sum(1), mask.sum(1))
+
+
+def test_row_swap_breaks_ties_at_random_not_by_column():
+    """Rows nobody looked up have all-zero scores: the grown columns must not be the first ones."""
+    mask = tf.constant(np.arange(64)[None, :].repeat(500, 0) < 16)
+    pruned, grown = selection.row_swap(mask, tf.ones([500, 64]), tf.zeros([500, 64]), 0.5, (3, 4))
+    columns = np.flatnonzero(grown.numpy().sum(0))
+    assert int(tf.reduce_sum(tf.cast(grown, tf.int32))) == 500 * 8
+    assert columns.min() < 16 and columns.max() > 48  # grown among the 56 free columns of each row, not 16..23
+    counts = grown.numpy().sum(0)
+    assert counts[16:].std() / counts[16:].mean() < 0.3  # about uniform over the free columns

@@ -1,5 +1,6 @@
 """trainers/train.py end to end: CLI, run directory, load_run, every method's sparsity and MACs."""
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -246,13 +247,15 @@ def test_every_flag_reaches_the_config():
     cfg = config_from_args(["--storage", "dense", "--optimizer", "lazy_adam", "--growth-scores", "window",
                             "--sparsity", "0.6", "--epochs", "3", "--hparam", "temperature=0.1",
                             "--dataset-arg", "num_users=50", "--gmp-end-fraction", "0.5", "--seed", "4",
-                            "--prune-by", "row_relative", "--grow-by", "row_scaled"])
+                            "--prune-by", "row_relative", "--grow-by", "row_scaled", "--budget", "per_row"])
     assert (cfg.storage, cfg.optimizer, cfg.growth_scores, cfg.sparsity, cfg.epochs, cfg.seed) == (
         "dense", "lazy_adam", "window", 0.6, 3, 4)
     assert cfg.hparams == {"temperature": 0.1} and cfg.dataset_args == {"num_users": 50}
     assert cfg.gmp_end_fraction == 0.5 and (cfg.prune_by, cfg.grow_by) == ("row_relative", "row_scaled")
     callback = METHODS["dsl"].callback(Context(cfg, 100, 5, None, None, 10))
-    assert (callback.prune_by, callback.grow_by) == ("row_relative", "row_scaled")
+    assert (callback.prune_by, callback.grow_by, callback.budget) == ("row_relative", "row_scaled", "per_row")
+    with pytest.raises(ValueError, match="budget must be one of"):
+        dataclasses.replace(cfg, budget="global").resolved()  # not offered: compact tables have one budget each
 
 
 def test_summary_breaks_every_epoch_down(method_runs):

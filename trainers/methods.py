@@ -84,7 +84,7 @@ class DynamicSparse(Method):
             sparsity=cfg.sparsity, update_interval=ctx.update_interval, initial_update_ratio=cfg.initial_update_ratio,
             decay=cfg.decay, growth=self.growth, seed=cfg.seed, log_dir=ctx.log_dir,
             end_step=max(1, round(cfg.explore_until * ctx.total_steps)), prune_by=cfg.prune_by,
-            grow_by=cfg.grow_by,
+            grow_by=cfg.grow_by, budget=cfg.budget,
         )
 
     def fit(self, model, ctx, fit, callbacks):

@@ -85,6 +85,7 @@ from trainers.models import MODELS, Recommender, build_model  # noqa: E402
 
 STORAGES = ("compact", "dense")
 GROWTH_SCORES = ("dense", "int8", "window")
+BUDGETS = ("per_layer", "per_row")  # dsl_tf.DynamicSparsity(budget=...) modes the trainers offer
 OPTIMIZERS = {"lazy_adam": dsl_tf.LazyAdam, "adam": tf.keras.optimizers.Adam, "catch_up_adam": dsl_tf.CatchUpAdam}
 """``--optimizer``: the optimizer class of every method, called with the learning rate."""
 
@@ -122,7 +123,9 @@ class TrainConfig:
     criterion (``DynamicSparsity(prune_by=...)``: ``"magnitude"``, the paper's, or
     ``"row_relative"``, ``|w| / ‖row‖``, for L2-normalised towers); ``grow_by``: DSL's growth
     criterion (``DynamicSparsity(grow_by=...)``: ``"score"``, the paper's, or ``"row_scaled"``,
-    ``|score| · ‖row‖``, its counterpart).
+    ``|score| · ‖row‖``, its counterpart); ``budget``: DSL/SET/RP's
+    ``DynamicSparsity(budget=...)``, ``"per_layer"`` (the paper's) or ``"per_row"`` (every row keeps
+    ``budget // rows`` or one more active entries).
     """
 
     model: str = "two_tower"
@@ -151,6 +154,7 @@ class TrainConfig:
     explore_until: float = 1.0
     prune_by: str = "magnitude"
     grow_by: str = "score"
+    budget: str = "per_layer"
     verbose: int = 1
     schedule_epochs: int | None = None
     early_stopping: bool = False
@@ -167,7 +171,8 @@ class TrainConfig:
         for name, value, choices in (("storage", self.storage, STORAGES), ("optimizer", self.optimizer, OPTIMIZERS),
                                      ("growth_scores", self.growth_scores, GROWTH_SCORES),
                                      ("prune_by", self.prune_by, dsl_tf.selection.PRUNE_CRITERIA),
-                                     ("grow_by", self.grow_by, dsl_tf.selection.GROW_CRITERIA)):
+                                     ("grow_by", self.grow_by, dsl_tf.selection.GROW_CRITERIA),
+                                     ("budget", self.budget, BUDGETS)):
             if value not in choices:
                 raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
         if self.protocol not in ("test", "valid"):
@@ -575,6 +580,7 @@ def _write_run(out: Path, cfg: TrainConfig, model: Recommender, fit_data, popula
         "explore_until": cfg.explore_until,
         "prune_by": cfg.prune_by,
         "grow_by": cfg.grow_by,
+        "budget": cfg.budget,
         "storage": cfg.storage if isinstance(METHODS[cfg.method], DynamicSparse) else "dense",
         "growth_scores": cfg.growth_scores,
         "optimizer": cfg.optimizer,
@@ -655,6 +661,8 @@ def parser() -> argparse.ArgumentParser:
                    help="DSL/SET pruning criterion: |w| (paper) or |w| / row norm (for L2-normalised towers)")
     p.add_argument("--grow-by", default="score", choices=list(dsl_tf.selection.GROW_CRITERIA),
                    help="DSL growth criterion: |growth score| (paper) or |score| x row norm (with --prune-by row_relative)")
+    p.add_argument("--budget", default="per_layer", choices=list(BUDGETS),
+                   help="DSL/SET/RP: one budget per table (paper), or also a fixed count of active entries per row")
     p.add_argument("--gmp-end-fraction", type=float, default=0.75,
                    help="GMP: fraction of training after which sparsity is final")
     p.add_argument("--out", default="runs/demo", help="run directory")
