@@ -75,8 +75,13 @@ class DynamicSparse(Method):
         cfg = ctx.cfg
         if cfg.storage == "dense":
             return ctx.build(None)
-        scores = cfg.growth_scores if self.growth in ("gradient", "momentum") else "none"
-        return ctx.build(compact_factory(cfg.sparsity, scores))
+        return ctx.build(compact_factory(cfg.sparsity, self.growth_scores(cfg.growth_scores)))
+
+    def growth_scores(self, requested: str) -> str:
+        """The compact tables' ``growth_scores`` for ``--growth-scores requested``: ``"none"``
+        unless this method's growth reads scores (RP and SET keep none). ``trainers.runs``
+        rebuilds a run's tables with it."""
+        return requested if self.growth in ("gradient", "momentum") else "none"
 
     def callback(self, ctx: Context) -> dsl_tf.DynamicSparsity:
         cfg = ctx.cfg

@@ -94,9 +94,9 @@ def load_run(run_dir: str | Path) -> LoadedRun:
                          f"{config['num_users']} / {config['num_items']}")
     factory = None
     if config.get("storage") == "compact":
-        from trainers.methods import compact_factory
+        from trainers.methods import METHODS, compact_factory  # only DSL, RP and SET store compact tables
 
-        factory = compact_factory(config["sparsity"], config["growth_scores"])
+        factory = compact_factory(config["sparsity"], METHODS[config["method"]].growth_scores(config["growth_scores"]))
     model = build_model(config["model"], config["num_users"], config["num_items"], factory, **config["hparams"])
     model.attach(sp.load_npz(run / "interactions.npz").tocsr())
     model.score_all(np.zeros([1], np.int64))  # create every variable before restoring
