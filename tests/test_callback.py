@@ -28,7 +28,7 @@ from dsl_tf import DynamicSparsity, MaskedEmbedding, masks
         ({"end_step": 0}, "end_step must be an integer >= 1, got 0"),
         ({"min_update_ratio": -0.1}, "min_update_ratio must be in [0, initial_update_ratio=0.5], got -0.1"),
         ({"growth": "magnitude"}, "growth must be one of ('gradient', 'momentum', 'random', 'none'), got 'magnitude'"),
-        ({"budget": "layer"}, "budget must be one of ('per_layer', 'global'), got 'layer'"),
+        ({"budget": "layer"}, "budget must be one of ('per_layer', 'global', 'per_row'), got 'layer'"),
         ({"budget": "global", "sparsity": {"a": 0.5}},
          "budget='global' needs one float sparsity, got a per-layer dict sparsity={'a': 0.5}"),
         ({"momentum": 1.0}, "momentum must be in [0, 1), got 1.0"),
