@@ -440,7 +440,7 @@ def row_swap(active: tf.Tensor, prune_keys: tf.Tensor, grow_keys: tf.Tensor, rat
     active = tf.convert_to_tensor(active, tf.bool)
     seed = tf.cast(seed, tf.int64)
     counts = tf.math.count_nonzero(active, axis=1, dtype=tf.int64)
-    num = tf.cast(tf.floor(tf.cast(ratio, tf.float64) * tf.cast(counts, tf.float64)), tf.int64)  # as swap_count
+    num = tf.cast(tf.floor(tf.convert_to_tensor(ratio, tf.float64) * tf.cast(counts, tf.float64)), tf.int64)  # as swap_count (not via float32)
     if exclude_pruned:
         num = tf.minimum(num, tf.cast(tf.shape(active)[1], tf.int64) - counts)
     inf = tf.constant(np.inf, tf.float32)

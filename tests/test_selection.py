@@ -246,6 +246,7 @@ def test_top_k_indices_orders_every_float_like_numpy():
 @settings(max_examples=40, deadline=None)
 @given(st.integers(1, 60), st.integers(1, 12), st.floats(0.05, 0.95), st.floats(0.0, 1.0), st.integers(0, 2**30),
        st.booleans())
+@example(rows=1, dim=1, sparsity=0.5, ratio=0.9999999999999999, seed=0, exclude_pruned=False)  # 1.0 in float32
 def test_row_swap_prunes_and_grows_each_row_like_numpy(rows, dim, sparsity, ratio, seed, exclude_pruned):
     """``budget="per_row"``: each row is the numpy rule on that row alone, with its own
     ``floor(ratio · k_r)`` (capped at the row's free count with ``exclude_pruned``)."""
