@@ -458,11 +458,8 @@ class CompactMaskedEmbedding(MaskedEmbedding):
         return rows * self.output_dim + tf.cast(self.col_ids, tf.int64)
 
     def row_chunks(self, max_entries: int) -> list[tuple[int, int]]:
-        """Row ranges ``[r0, r1)`` covering the table, of at most ``max_entries`` entries
-        (at least 64 rows), each starting at a multiple of 64 rows: the unit of the
-        chunked exploration (whole-table work in O(chunk) memory)."""
-        step = max(64, max_entries // self.output_dim // 64 * 64)
-        return [(r0, min(r0 + step, self.input_dim)) for r0 in range(0, self.input_dim, step)]
+        """:func:`row_chunks` of this table: the unit of the chunked exploration."""
+        return row_chunks(self.input_dim, self.output_dim, max_entries)
 
     def split_by_chunk(self, positions: tf.Tensor, chunks: list[tuple[int, int]]) -> list[tf.Tensor]:
         """Flat ``positions`` (int64, in the table) split among the row ``chunks`` of
@@ -581,6 +578,18 @@ class PositionBitmap:
 
 CHUNK_WORKERS = min(2, os.cpu_count() or 1)
 """Row chunks of an exploration processed at once (:func:`map_chunks`)."""
+
+
+def row_chunks(rows: int, dim: int, max_entries: int) -> list[tuple[int, int]]:
+    """Row ranges ``[r0, r1)`` covering a ``rows × dim`` table, of at most ``max_entries``
+    entries (at least 64 rows), each starting at a multiple of 64 rows: the unit of every
+    chunked exploration (whole-table work in O(chunk) memory), the same for both storages.
+
+    >>> row_chunks(100, 8, 512)
+    [(0, 64), (64, 100)]
+    """
+    step = max(64, max_entries // dim // 64 * 64)
+    return [(r0, min(r0 + step, rows)) for r0 in range(0, rows, step)]
 
 
 def map_chunks(fn: Callable[[int], T], items: Iterable[int]) -> list[T]:

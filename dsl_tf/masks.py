@@ -13,7 +13,7 @@ import numpy as np
 import tensorflow as tf
 
 from dsl_tf import selection
-from dsl_tf.layers import MaskedEmbedding, table_budget
+from dsl_tf.layers import MaskedEmbedding, row_chunks, table_budget
 
 
 budget = table_budget  # round((1 − s) · size), halves rounded up: ``budget(1000, 0.8) == 200``
@@ -42,7 +42,7 @@ def initial_positions(
 
 def row_balanced_positions(rows: int, dim: int, budget: int, seed: tuple[int, int]) -> list[tf.Tensor]:
     """The initial mask of ``DynamicSparsity(budget="per_row")``: ``budget`` flat positions
-    (int64, per row chunk of :func:`dsl_tf.selection.row_chunks`) with every row holding
+    (int64, per row chunk of :func:`dsl_tf.layers.row_chunks`) with every row holding
     ``budget // rows`` or one more (those rows drawn at random), its columns uniformly at random.
     A row keeps its count for good under that budget, so none may start empty by chance.
 
@@ -56,8 +56,9 @@ def row_balanced_positions(rows: int, dim: int, budget: int, seed: tuple[int, in
     counts = budget // rows + tf.cast(extra, tf.int64)
     columns_seed = tf.constant(seed, tf.int64) + [0, 1]
     out = []
-    for c, (r0, r1) in enumerate(selection.row_chunks(rows, dim)):
-        keys = tf.random.stateless_uniform([r1 - r0, dim], seed=tf.random.experimental.stateless_fold_in(columns_seed, c))
+    for c, (r0, r1) in enumerate(row_chunks(rows, dim, selection.CHUNK)):
+        chunk_seed = tf.random.experimental.stateless_fold_in(columns_seed, c)
+        keys = tf.random.stateless_uniform([r1 - r0, dim], seed=chunk_seed)
         ranks = tf.argsort(tf.argsort(keys, axis=1), axis=1)  # a random permutation of the columns per row
         chosen = tf.where(tf.reshape(tf.cast(ranks, tf.int64) < counts[r0:r1, None], [-1]))[:, 0]
         out.append(chosen + r0 * dim)

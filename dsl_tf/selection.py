@@ -16,7 +16,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import tensorflow as tf
 
-from dsl_tf.layers import PositionBitmap, map_chunks
+from dsl_tf.layers import PositionBitmap, map_chunks, row_chunks
 
 _NEG_INF = float("-inf")
 
@@ -416,7 +416,7 @@ def row_swap(active: tf.Tensor, prune_keys: tf.Tensor, grow_keys: tf.Tensor, rat
     are pruned and, among its entries free after the prune (before it, ``exclude_pruned``,
     which caps the swap at the row's free count), those with the largest ``|grow_keys|``
     grown; ties in random order. Every row keeps its count. Works on ``[rows, dim]`` tensors
-    (at explorations, by row chunks: :func:`row_chunks`).
+    (at explorations, by row chunks: :func:`dsl_tf.layers.row_chunks`).
 
     Args:
       active: bool [rows, dim].
@@ -440,7 +440,8 @@ def row_swap(active: tf.Tensor, prune_keys: tf.Tensor, grow_keys: tf.Tensor, rat
     active = tf.convert_to_tensor(active, tf.bool)
     seed = tf.cast(seed, tf.int64)
     counts = tf.math.count_nonzero(active, axis=1, dtype=tf.int64)
-    num = tf.cast(tf.floor(tf.convert_to_tensor(ratio, tf.float64) * tf.cast(counts, tf.float64)), tf.int64)  # as swap_count (not via float32)
+    ratio = tf.convert_to_tensor(ratio, tf.float64)  # from the Python float, as swap_count (not through float32)
+    num = tf.cast(tf.floor(ratio * tf.cast(counts, tf.float64)), tf.int64)
     if exclude_pruned:
         num = tf.minimum(num, tf.cast(tf.shape(active)[1], tf.int64) - counts)
     inf = tf.constant(np.inf, tf.float32)
@@ -459,18 +460,6 @@ def _row_ranks(keys: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
     return tf.argsort(order, axis=1)  # the inverse permutation
 
 
-def row_chunks(rows: int, dim: int) -> list[tuple[int, int]]:
-    """Row ranges ``[r0, r1)`` of at most :data:`CHUNK` entries (at least 64 rows), as
-    ``CompactMaskedEmbedding.row_chunks``: the unit of a per-row exploration, the same for
-    both storages so that they choose the same entries.
-
-    >>> row_chunks(100, 1 << 20)
-    [(0, 64), (64, 100)]
-    """
-    step = max(64, CHUNK // dim // 64 * 64)
-    return [(r0, min(r0 + step, rows)) for r0 in range(0, rows, step)]
-
-
 def rows_prune_and_grow(active: tf.Tensor, weights: tf.Tensor, grow_scores: tf.Tensor | None, ratio: float,
                         seed: tuple[int, int], exclude_pruned: bool = False) -> tuple[tf.Tensor, tf.Tensor]:
     """:func:`row_swap` over a whole ``[rows, dim]`` table by :func:`row_chunks`; growth by
@@ -485,14 +474,20 @@ def rows_prune_and_grow(active: tf.Tensor, weights: tf.Tensor, grow_scores: tf.T
     active = tf.convert_to_tensor(active, tf.bool)
     seed = tf.constant(seed, tf.int64)
     news, growns = [], []
-    for c, (r0, r1) in enumerate(row_chunks(int(active.shape[0]), int(active.shape[1]))):
-        chunk_seed = _fold(seed, c)
-        scores = (tf.random.stateless_uniform([r1 - r0, active.shape[1]], seed=chunk_seed + [1, 0])
-                  if grow_scores is None else grow_scores[r0:r1])
-        pruned, grown = row_swap(active[r0:r1], weights[r0:r1], scores, ratio, chunk_seed, exclude_pruned)
+    for c, (r0, r1) in enumerate(row_chunks(int(active.shape[0]), int(active.shape[1]), CHUNK)):
+        scores = None if grow_scores is None else grow_scores[r0:r1]
+        pruned, grown = _chunk_row_swap(active[r0:r1], weights[r0:r1], scores, ratio, _fold(seed, c), exclude_pruned)
         news.append(tf.logical_or(tf.logical_and(active[r0:r1], tf.logical_not(pruned)), grown))
         growns.append(grown)
     return tf.concat(news, 0), tf.concat(growns, 0)
+
+
+def _chunk_row_swap(active, weights, grow_scores, ratio, seed, exclude_pruned):
+    """:func:`row_swap` of one row chunk (``seed``: the chunk's), growing at random if
+    ``grow_scores`` is None: the one per-chunk rule of both storages."""
+    if grow_scores is None:
+        grow_scores = tf.random.stateless_uniform(tf.shape(active), seed=seed + [1, 0])
+    return row_swap(active, weights, grow_scores, ratio, seed, exclude_pruned)
 
 
 def compact_rows_prune_and_grow(layer, ratio: float, seed: tuple[int, int], growth: str = "scores",
@@ -510,14 +505,13 @@ def compact_rows_prune_and_grow(layer, ratio: float, seed: tuple[int, int], grow
     values = tf.convert_to_tensor(layer.values)
     read = layer.score_reader() if growth == "scores" else None
     keep, grown = [], []
-    for c, (r0, r1) in enumerate(row_chunks(layer.input_dim, dim)):
+    for c, (r0, r1) in enumerate(layer.row_chunks(CHUNK)):
         v0, v1, local = layer.chunk_positions(r0, r1)
         shape, size = [r1 - r0, dim], (r1 - r0) * dim
-        chunk_seed = _fold(seed, c)
         active = tf.reshape(scatter_flags(size, local), shape)
         weights = tf.reshape(tf.scatter_nd(local[:, None], tf.cast(values[v0:v1], tf.float32), [size]), shape)
-        scores = read(r0, r1) if read else tf.random.stateless_uniform(shape, seed=chunk_seed + [1, 0])
-        pruned, new = row_swap(active, weights, scores, ratio, chunk_seed, exclude_pruned)
+        scores = read(r0, r1) if read else None
+        pruned, new = _chunk_row_swap(active, weights, scores, ratio, _fold(seed, c), exclude_pruned)
         keep.append(tf.logical_not(tf.gather(tf.reshape(pruned, [-1]), local)))
         grown.append(tf.where(tf.reshape(new, [-1]))[:, 0] + r0 * dim)
     return tf.concat(keep, 0), grown
