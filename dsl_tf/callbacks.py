@@ -70,7 +70,8 @@ class DynamicSparsity(tf.keras.callbacks.Callback):
         budget over all tables, which may trade entries between them) or ``"per_row"``
         (each table keeps its budget, and each row for good the ``budget // rows`` or one more
         entries of its initial mask, columns at random, :func:`dsl_tf.masks.row_balanced_positions`:
-        row ``r`` swaps ``floor(ρ_t · k_r)`` entries within itself, :func:`dsl_tf.selection.row_swap`;
+        row ``r`` swaps ``ρ_t · k_r`` entries within itself, stochastically rounded,
+        :func:`dsl_tf.selection.row_swap`;
         the budget cannot drift to popular rows, and a compact table's row layout stays fixed;
         ``prune_by`` / ``grow_by`` rank within a row as the paper's criteria do).
       momentum: decay of the ``"momentum"`` growth scores, in [0, 1).

@@ -248,8 +248,8 @@ def test_top_k_indices_orders_every_float_like_numpy():
        st.booleans())
 @example(rows=1, dim=1, sparsity=0.5, ratio=0.9999999999999999, seed=0, exclude_pruned=False)  # 1.0 in float32
 def test_row_swap_prunes_and_grows_each_row_like_numpy(rows, dim, sparsity, ratio, seed, exclude_pruned):
-    """``budget="per_row"``: each row is the numpy rule on that row alone, with its own
-    ``floor(ratio · k_r)`` (capped at the row's free count with ``exclude_pruned``)."""
+    """``budget="per_row"``: each row is the numpy rule on that row alone, with its own swap
+    count ``floor(ratio · k_r)`` or one more (capped at the row's free count with ``exclude_pruned``)."""
     rng = np.random.default_rng(seed)
     mask = rng.random((rows, dim)) > sparsity
     w, score = rng.normal(size=(rows, dim)), rng.normal(size=(rows, dim))  # distinct: no ties
@@ -258,12 +258,33 @@ def test_row_swap_prunes_and_grows_each_row_like_numpy(rows, dim, sparsity, rati
     new = (mask & ~pruned.numpy()) | grown.numpy()
     for r in range(rows):
         k = int(mask[r].sum())
-        num = min(int(np.floor(ratio * k)), dim - k) if exclude_pruned else int(np.floor(ratio * k))
+        num = int(pruned.numpy()[r].sum())
+        low = int(np.floor(ratio * k))
+        assert num in ({min(low, dim - k), min(low + 1, dim - k)} if exclude_pruned else {low, low + 1}), (r, k, num)
+        if ratio * k == low:  # no fractional part: no rounding up
+            assert num == (min(low, dim - k) if exclude_pruned else low)
         want, want_pruned, want_grown = _np_prune_grow(mask[r], w[r], score[r], num, exclude_pruned)
         np.testing.assert_array_equal(new[r], want)
         assert set(np.flatnonzero(pruned.numpy()[r]).tolist()) == want_pruned
         assert set(np.flatnonzero(grown.numpy()[r]).tolist()) == want_grown
     np.testing.assert_array_equal(new.sum(1), mask.sum(1))
+
+
+def test_row_swap_rounds_each_rows_swap_count_stochastically():
+    """Rows of 3 entries at ρ_t = 0.1 swap 0.3 entries in expectation: 30 % of rows swap one, none
+    more (a floor swapped none: exploration silently stopped once ρ_t · k_r < 1), at random
+    rows, the same for the same seed."""
+    mask = tf.constant(np.arange(16)[None, :].repeat(20_000, 0) < 3)
+    weights = tf.random.stateless_normal([20_000, 16], (1, 2))
+    pruned, grown = selection.row_swap(mask, weights, tf.random.stateless_normal([20_000, 16], (3, 4)), 0.1, (5, 6))
+    per_row = pruned.numpy().sum(1)
+    np.testing.assert_array_equal(per_row, grown.numpy().sum(1))
+    assert set(per_row.tolist()) == {0, 1}
+    assert abs(per_row.sum() - 6_000) < 4 * np.sqrt(20_000 * 0.3 * 0.7)  # 4 sigma of the binomial
+    again, _ = selection.row_swap(mask, weights, tf.zeros([20_000, 16]), 0.1, (5, 6))
+    np.testing.assert_array_equal(again.numpy(), pruned.numpy())
+    other, _ = selection.row_swap(mask, weights, tf.zeros([20_000, 16]), 0.1, (5, 7))
+    assert (other.numpy().sum(1) != per_row).sum() > 1_000
 
 
 def test_row_swap_breaks_ties_at_random_not_by_column():
