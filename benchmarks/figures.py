@@ -8,8 +8,9 @@
   built-in synthetic data, s=0.8), ΔT over ``--sweep-intervals`` at ρ0 = 0.5 and ρ0 over
   ``--sweep-ratios`` at ``--sweep-base-interval``, plus the dense model as a line.
 * ``fig4_sparsity_popularity.png``: mean density of embedding rows per popularity group
-  (10 groups, least popular first) for users and items, DSL vs RP runs (Fig. 4).
-* ``fig5_loss_curves.png``: training loss per epoch of dense, RP and DSL (Fig. 5): the mean
+  (10 groups, least popular first) for users and items: RP, GMP, DSL and per-row DSL runs,
+  those present (Fig. 4).
+* ``fig5_loss_curves.png``: training loss per epoch of dense, RP, DSL and per-row DSL (Fig. 5): the mean
   of the epoch's batch losses (``summary.json`` ``history.loss``; runs written before the
   trainers averaged it hold the epoch's last batch and are drawn dashed, with a warning).
 
@@ -49,8 +50,11 @@ from trainers.train import TrainConfig, key_values  # noqa: E402
 SWEEP_INTERVALS = (8, 16, 32, 64, 128, 256, 640)
 SWEEP_RATIOS = (0.1, 0.3, 0.5, 0.7, 0.9)
 SWEEP_BASE = {"model": "two_tower", "dataset": "synthetic", "sparsity": 0.8}
-COLORS = {"dense": "black", "dsl": "tab:red", "gmp": "tab:blue", "rp": "tab:gray", "set": "tab:green",
-          "omp": "tab:purple"}
+COLORS = {"dense": "black", "dsl": "tab:red", "dsl per-row": "tab:orange", "gmp": "tab:blue", "rp": "tab:gray",
+          "set": "tab:green", "omp": "tab:purple"}
+FIG4_SERIES = ("rp", "gmp", "dsl", "dsl per-row")
+"""Fig. 4's bars, in this order, those with a run at the figure's sparsity."""
+FIG5_SERIES = ("dense", "rp", "dsl", "dsl per-row")
 
 
 def _rows(paths: list[str]) -> list[dict]:
@@ -61,6 +65,15 @@ def _models(rows: list[dict]) -> list[str]:
     return list(dict.fromkeys(r["model"] for r in rows))
 
 
+def label(row: dict) -> str:
+    """A row's series: its method, and ``per-row`` for ``DynamicSparsity(budget="per_row")`` runs.
+
+    >>> label({"method": "dsl", "budget": "per_row"}), label({"method": "dsl"})
+    ('dsl per-row', 'dsl')
+    """
+    return f"{row['method']} per-row" if row.get("budget") == "per_row" else row["method"]
+
+
 def fig2(rows: list[dict], out: Path) -> Path:
     models = _models(rows)
     fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
@@ -68,9 +81,9 @@ def fig2(rows: list[dict], out: Path) -> Path:
         mine = [r for r in rows if r["model"] == model]
         dense = next(r for r in mine if r["method"] == "dense")
         ax.axhline(dense["recall@20"], color=COLORS["dense"], ls="--", label="dense")
-        for method in dict.fromkeys(r["method"] for r in mine if r["method"] != "dense"):
-            points = sorted((r["sparsity"], r["recall@20"]) for r in mine if r["method"] == method)
-            ax.plot(*zip(*points), marker="o", color=COLORS.get(method), label=method)
+        for series in dict.fromkeys(label(r) for r in mine if r["method"] != "dense"):
+            points = sorted((r["sparsity"], r["recall@20"]) for r in mine if label(r) == series)
+            ax.plot(*zip(*points), marker="o", color=COLORS.get(series), label=series)
         ax.set(title=f"{model} (Gowalla)", xlabel="sparsity s", ylabel="Recall@20 (test)")
         ax.legend()
     return _save(fig, out / "fig2_performance_sparsity.png")
@@ -126,12 +139,14 @@ def fig4(rows: list[dict], out: Path, sparsity: float = 0.8, num_groups: int = 1
     fig, axes = plt.subplots(len(models), 2, figsize=(10, 3.5 * len(models)), squeeze=False)
     groups = np.arange(1, num_groups + 1)
     for row_axes, model in zip(axes, models):
-        for method, offset in (("rp", -0.2), ("dsl", 0.2)):
-            found = [r for r in rows if r["model"] == model and r["method"] == method and r["sparsity"] == sparsity]
-            if not found:
-                continue
-            for ax, (kind, density) in zip(row_axes, _densities(Path(found[0]["run"]), num_groups).items()):
-                ax.bar(groups + offset, density, width=0.4, color=COLORS[method], label=method)
+        found = {series: [r for r in rows if r["model"] == model and label(r) == series and r["sparsity"] == sparsity]
+                 for series in FIG4_SERIES}
+        found = {series: runs[0] for series, runs in found.items() if runs}
+        width = 0.8 / max(len(found), 1)
+        for i, (series, row) in enumerate(found.items()):
+            offset = (i - (len(found) - 1) / 2) * width
+            for ax, (kind, density) in zip(row_axes, _densities(Path(row["run"]), num_groups).items()):
+                ax.bar(groups + offset, density, width=width, color=COLORS[series], label=series)
                 ax.set(title=f"{model}: {kind} embeddings, s={sparsity:g}", ylabel="density of rows",
                        xlabel=f"{kind} popularity group (1 = least popular)", xticks=groups)
                 ax.legend()
@@ -153,13 +168,13 @@ def fig5(rows: list[dict], out: Path, sparsity: float = 0.8) -> Path:
     models = _models(rows)
     fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
     for ax, model in zip(axes[0], models):
-        for method in ("dense", "rp", "dsl"):
-            found = [r for r in rows if r["model"] == model and r["method"] == method
-                     and (method == "dense" or r["sparsity"] == sparsity)]
+        for series in FIG5_SERIES:
+            found = [r for r in rows if r["model"] == model and label(r) == series
+                     and (series == "dense" or r["sparsity"] == sparsity)]
             if found:
                 loss, averaged = epoch_loss(Path(found[0]["run"]))
-                ax.plot(np.arange(1, len(loss) + 1), loss, marker="o", color=COLORS[method],
-                        ls="-" if averaged else "--", label=method if averaged else f"{method} (last batch)")
+                ax.plot(np.arange(1, len(loss) + 1), loss, marker="o", markersize=3, color=COLORS[series],
+                        ls="-" if averaged else "--", label=series if averaged else f"{series} (last batch)")
         ax.set(title=f"{model} (Gowalla), s={sparsity:g}", xlabel="epoch", ylabel="training loss (epoch mean)")
         ax.legend()
     return _save(fig, out / "fig5_loss_curves.png")

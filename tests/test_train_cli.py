@@ -342,6 +342,48 @@ def test_bench_reuses_a_run_whose_marker_predates_a_new_config_field(tmp_path, m
         bench.train_or_reuse(_config(tmp_path, "dsl", epochs=1, prune_by="row_relative"))
 
 
+def test_figures_draw_per_row_dsl_as_its_own_series(tmp_path, monkeypatch):
+    """A per-row DSL run is its own series (``dsl per-row``) in Fig. 2, 4 and 5, not a second point of ``dsl``;
+    Fig. 4's bars are each run's row densities by popularity tenth."""
+    import scipy.sparse as sp
+    from benchmarks import figures
+
+    rng = np.random.default_rng(0)
+    train = sp.csr_matrix((rng.random((20, 30)) < np.linspace(0.05, 0.9, 20)[:, None]).astype(np.float32))
+    densities = {("rp", None): 0.2, ("dsl", None): 0.5, ("dsl", "per_row"): 0.25, ("dense", None): 1.0}
+    rows = []
+    for (method, budget), keep in densities.items():
+        run = tmp_path / f"{method}_{budget}"
+        run.mkdir()
+        user = np.arange(8)[None, :].repeat(20, 0) < round(8 * keep)  # every row at the run's density
+        item = np.arange(8)[None, :].repeat(30, 0) < round(8 * keep)
+        np.savez(run / "masks.npz", user_embedding=user, item_embedding=item)
+        sp.save_npz(run / "interactions.npz", train)
+        np.save(run / "item_popularity.npy", np.asarray(train.sum(0)).ravel())
+        loss = [1.0 / keep, 0.5 / keep]
+        (run / "summary.json").write_text(json.dumps({"history": {"loss": loss}, "loss_reduction": "epoch_mean"}))
+        rows.append({"model": "mf_bpr", "method": method, "sparsity": 0.0 if method == "dense" else 0.8,
+                     "recall@20": keep / 10, "run": str(run), **({"budget": budget} if budget else {})})
+    drawn = {}
+    monkeypatch.setattr(figures, "_save", lambda fig, path: drawn.setdefault(path.name, fig))
+    for name in ("2", "4", "5"):
+        figures.FROM_RESULTS[name](rows, tmp_path)
+
+    def series(fig, ax=0):
+        return [t.get_text() for t in fig.axes[ax].get_legend().get_texts()]
+
+    assert series(drawn["fig2_performance_sparsity.png"]) == ["dense", "rp", "dsl", "dsl per-row"]
+    fig2_lines = {line.get_label(): list(np.ravel(line.get_ydata()))
+                  for line in drawn["fig2_performance_sparsity.png"].axes[0].lines}
+    assert fig2_lines["dsl per-row"] == [0.025] and fig2_lines["dsl"] == [0.05]
+    fig4 = drawn["fig4_sparsity_popularity.png"]
+    assert series(fig4) == ["rp", "dsl", "dsl per-row"]
+    heights = {c.get_label(): sorted({round(b.get_height(), 6) for b in c}) for c in fig4.axes[0].containers}
+    assert heights == {"rp": [0.25], "dsl": [0.5], "dsl per-row": [0.25]}  # round(8 · 0.2) = 2 of 8
+    fig5 = {line.get_label(): list(np.ravel(line.get_ydata())) for line in drawn["fig5_loss_curves.png"].axes[0].lines}
+    assert fig5 == {"dense": [1.0, 0.5], "rp": [5.0, 2.5], "dsl": [2.0, 1.0], "dsl per-row": [4.0, 2.0]}
+
+
 def test_figures_draws_only_the_figures_asked_for(tmp_path):
     """--figures 2 draws Fig. 2 from the results alone: Fig. 4 and 5, which read run directories, are not drawn."""
     from benchmarks.figures import main
