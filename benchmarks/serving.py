@@ -29,6 +29,11 @@ Measured per variant:
   those of a process that loads nothing, and
   the process CPU seconds (user + system, all threads) per batch-64 request — the cost of
   scoring every item;
+* the same in a *warm* process, as a server that already serves a model: it first loads a small
+  servable of the same backbone and variant (1,000 users × 1,000 items) and serves 3 batch-64
+  requests with it, then the peak RSS (VmHWM, reset through ``/proc/self/clear_refs``) of
+  loading and serving the measured version, minus the RSS before it: what one more model of this
+  size costs a running server, without the once-per-process runtime pages (``peak_added_warm``);
 * p50/p99 latency of ``serving_default`` (k=20) at batch 1 and 64 through a TF1 ``Session``
   (``Session.make_callable``), all variants of a sparsity loaded in one process and
   interleaved request by request in random order, so machine noise hits them alike.
@@ -72,6 +77,8 @@ VARIANTS = {
 }
 GRAPH_VARIANTS = ("dense", "compact", "compact-f16")
 GOWALLA_INTERACTIONS = 810_128
+WARM_SIZE = 1_000
+"""Users and items of the servable a warm process serves before the measured one."""
 
 _CHILD = r"""
 import os, sys, time
@@ -79,7 +86,22 @@ os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
 import numpy as np
 import tensorflow as tf
 path, users, requests = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+warm, warm_users = (sys.argv[4], int(sys.argv[5])) if len(sys.argv) > 4 else (None, 0)
 rng = np.random.default_rng(0)
+def status():
+    return {k: int(v.split()[0]) * 1024 for k, v in (line.split(":", 1) for line in open("/proc/self/status"))
+            if k in ("VmHWM", "VmRSS")}
+before = 0
+if warm:  # a server already serving a model: its runtime pages are in
+    wgraph = tf.Graph()
+    wsess = tf.compat.v1.Session(graph=wgraph)
+    with wgraph.as_default():
+        wsig = tf.compat.v1.saved_model.loader.load(wsess, ["serve"], warm).signature_def["serving_default"]
+    for _ in range(3):
+        wsess.run(wsig.outputs["item_ids"].name, {wsig.inputs["user_id"].name: rng.integers(0, warm_users, 64)})
+    before = status()["VmRSS"]
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # VmHWM := VmRSS
 start = time.perf_counter()
 graph = tf.Graph()
 sess = tf.compat.v1.Session(graph=graph)
@@ -93,15 +115,15 @@ with graph.as_default():
         x = tf.compat.v1.placeholder(tf.int64, [None])
         fetch, feed = [x + 1], x
 load = time.perf_counter() - start
-loaded = int(dict(line.split(":", 1) for line in open("/proc/self/status"))["VmRSS"].split()[0]) * 1024
+loaded = status()["VmRSS"]
 sess.run(fetch, {feed: rng.integers(0, users, 64)})
 cpu = time.process_time()  # all threads of this process
 for _ in range(requests):
     sess.run(fetch, {feed: rng.integers(0, users, 64)})
 cpu_per_request = (time.process_time() - cpu) / requests
-status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+end = status()
 # VmHWM / VmRSS belong to this process image (ru_maxrss would include the forked parent's)
-print(load, int(status["VmHWM"].split()[0]) * 1024, int(status["VmRSS"].split()[0]) * 1024, cpu_per_request, loaded)
+print(load, end["VmHWM"] - before, end["VmRSS"] - before, cpu_per_request, loaded - before)
 """
 
 
@@ -143,11 +165,13 @@ def random_model(backbone: str, users: int, items: int, dim: int, sparsity: floa
     return model, train
 
 
-def child(path: str, users: int, requests: int) -> tuple[float, int, int, float, int]:
+def child(path: str, users: int, requests: int, warm: str | None = None) -> tuple[float, int, int, float, int]:
     """(load seconds, peak RSS, RSS after serving, CPU seconds per batch-64 request, RSS right after
-    the load, before any request) of a fresh process."""
-    out = subprocess.run([sys.executable, "-c", _CHILD, path, str(users), str(requests)], capture_output=True,
-                         text=True, check=True)
+    the load, before any request) of a fresh process; with ``warm`` (a servable's path) the process
+    first loads and serves that one, and the RSS figures are above the RSS it then had."""
+    warm_args = [warm, str(WARM_SIZE)] if warm else []
+    out = subprocess.run([sys.executable, "-c", _CHILD, path, str(users), str(requests)] + warm_args,
+                         capture_output=True, text=True, check=True)
     load, peak, rss, cpu, loaded = out.stdout.split()[-5:]
     return float(load), int(peak), int(rss), float(cpu), int(loaded)
 
@@ -201,15 +225,15 @@ def _ratios(rows: list[dict]) -> None:
         if dense is None:
             continue
         for key in ("bytes", "peak_above_base", "rss_above_base", "loaded_above_base", "cpu_per_request_b64",
-                    "p50_b1_ms", "p50_b64_ms", "load_s"):
+                    "p50_b1_ms", "p50_b64_ms", "load_s", "peak_added_warm", "rss_added_warm"):
             if key in row and key in dense:  # rows of older runs lack the newer figures
                 row[f"{key}_ratio"] = row[key] / dense[key] if dense[key] else float("nan")
 
 
-def _export(model, train, args, sparsity: float, name: str):
+def _export(model, train, args, sparsity: float, name: str, folder: str | None = None):
     kw = {key: value for key, value in VARIANTS[name].items() if args.backbone == "two_tower" or key != "item_matrix"}
-    return export_model(model, Path(args.out) / args.backbone / f"s{sparsity}", name, k=20, compare_dense=False,
-                        overwrite=True, version=1, interactions=train, **kw)
+    return export_model(model, Path(args.out) / args.backbone / (folder or f"s{sparsity}"), name, k=20,
+                        compare_dense=False, overwrite=True, version=1, interactions=train, **kw)
 
 
 def main(argv=None) -> dict:
@@ -258,18 +282,23 @@ def main(argv=None) -> dict:
             continue
         model, train = random_model(args.backbone, args.users, args.items, args.dim, s, args.interactions)
         exported = {name: _export(model, train, args, s, name) for name in todo}
+        small = random_model(args.backbone, WARM_SIZE, WARM_SIZE, args.dim, s, WARM_SIZE * 20, seed=1)
+        warm = {name: _export(*small, args, s, name, f"warm_s{s}").path for name in todo}
         servables = {name: SessionServable(r.path) for name, r in exported.items()}
         lat = {b: latencies(servables, args.users, b, args.rounds) for b in (1, 64)}
         for session in servables.values():
             session.close()
         for name in random.sample(todo, len(todo)):
             runs = [child(str(exported[name].path), args.users, args.requests) for _ in range(args.rss_repeats)]
+            warm_runs = [child(str(exported[name].path), args.users, args.requests, str(warm[name]))
+                         for _ in range(args.rss_repeats)]
             rows.append({
                 "backbone": args.backbone, "sparsity": s, "variant": name, "bytes": exported[name].bytes,
                 **{f"p{q}_b{b}_ms": lat[b][name][i] for b in (1, 64) for i, q in enumerate((50, 99))},
                 "peak_above_base": min(r[1] for r in runs) - saved["baseline_peak"],
                 "rss_above_base": min(r[2] for r in runs) - saved["baseline_rss"],
                 "loaded_above_base": min(r[4] for r in runs) - saved["baseline_loaded"],
+                "peak_added_warm": min(r[1] for r in warm_runs), "rss_added_warm": min(r[2] for r in warm_runs),
                 "load_s": min(r[0] for r in runs), "cpu_per_request_b64": min(r[3] for r in runs),
                 "sizes": [args.users, args.items, args.dim], "tensorflow": tf.__version__,
             })
@@ -280,10 +309,10 @@ def main(argv=None) -> dict:
     path.write_text(json.dumps(saved, indent=2))
     header = (f"{'backbone':<9} {'s':>4} {'variant':<16} {'MB':>6} {'/dense':>6} | {'b1 p50':>7} {'/dense':>6} "
               f"{'b64 p50':>8} {'/dense':>6} | {'peak+MB':>7} {'/dense':>6} | {'cpu b64':>7} {'/dense':>6} | "
-              f"{'load s':>6}")
+              f"{'load s':>6} | {'warm+MB':>7} {'/dense':>6}")
     print("\nlatency ms (TF1 session, serving_default, k=20, interleaved); MB = version folder (1e6 bytes); "
           "peak+ = MiB of a fresh load+serve process's peak RSS above an empty session's; cpu b64 = process CPU s "
-          "per batch-64 request")
+          "per batch-64 request; warm+ = MiB of peak RSS a load+serve adds to a process already serving a model")
     print(header)
     print("-" * len(header))
     for r in sorted(rows, key=lambda r: (r["backbone"], r["sparsity"], list(VARIANTS).index(r["variant"]))):
@@ -292,7 +321,8 @@ def main(argv=None) -> dict:
               f"{r.get('p50_b1_ms_ratio', float('nan')):>6.2f} {r['p50_b64_ms']:>8.2f} "
               f"{r.get('p50_b64_ms_ratio', float('nan')):>6.2f} | {r['peak_above_base'] / 2**20:>7.1f} "
               f"{r.get('peak_above_base_ratio', float('nan')):>6.2f} | {r['cpu_per_request_b64']:>7.4f} "
-              f"{r.get('cpu_per_request_b64_ratio', float('nan')):>6.2f} | {r['load_s']:>6.2f}")
+              f"{r.get('cpu_per_request_b64_ratio', float('nan')):>6.2f} | {r['load_s']:>6.2f} | "
+              f"{r.get('peak_added_warm', float('nan')) / 2**20:>7.1f} {r.get('peak_added_warm_ratio', float('nan')):>6.2f}")
     return saved
 
 

@@ -17,6 +17,8 @@ def test_quick_serving_benchmark_measures_and_resumes(tmp_path, capsys):
         assert row["bytes"] > 0 and row["load_s"] > 0 and row["cpu_per_request_b64"] > 0
         assert row["p50_b1_ms"] > 0 and row["p50_b64_ms"] >= row["p50_b1_ms"] * 0.5
         assert row["peak_above_base"] > 0 and row["loaded_above_base"] > 0 and row["sizes"] == [2000, 3000, 32]
+        # a process already serving a model adds less for one more than a fresh process does for its first
+        assert 0 < row["peak_added_warm"] < row["peak_above_base"]
     assert rows["dense"]["bytes_ratio"] == 1.0 and 0 < rows["compact"]["bytes_ratio"] < 0.6
     saved = json.loads(results.read_text())
     assert [r["variant"] for r in saved["rows"]] == [r["variant"] for r in first["rows"]]
