@@ -41,11 +41,13 @@ if __package__ in (None, ""):
 import dsl_tf  # noqa: E402,F401  (before tf.keras)
 
 from trainers.methods import METHODS  # noqa: E402
-from trainers.train import TrainConfig, key_values, run_training  # noqa: E402
+from trainers.train import BUDGETS, TrainConfig, key_values, run_training  # noqa: E402
 
 
-def _run_dir(out: Path, model: str, method: str, sparsity: float) -> Path:
-    return out / (f"{model}_dense" if method == "dense" else f"{model}_{method}_s{sparsity:g}")
+def _run_dir(out: Path, model: str, method: str, sparsity: float, budget: str = "per_layer") -> Path:
+    if method == "dense":
+        return out / f"{model}_dense"
+    return out / (f"{model}_{method}_s{sparsity:g}" if budget == "per_layer" else f"{model}_{method}_{budget}_s{sparsity:g}")
 
 
 def train_or_reuse(cfg: TrainConfig) -> dict:
@@ -72,12 +74,13 @@ def _stored(marker: dict) -> dict:
             **marker}
 
 
-def _row(summary: dict, dense: dict, run: Path) -> dict:
+def _row(summary: dict, dense: dict, run: Path, budget: str = "per_layer") -> dict:
     recall = summary["metrics"]["recall@20"]
     return {
         "model": summary["model"],
         "method": summary["method"],
         "sparsity": summary["sparsity"],
+        "budget": budget,
         **summary["metrics"],
         "retention": recall / dense["metrics"]["recall@20"],
         "density": summary["density"],
@@ -96,7 +99,8 @@ def markdown(rows: list[dict]) -> str:
     lines = ["| model | method | s | Recall@20 | NDCG@20 | Recall vs dense | train MACs vs dense | train s | train CPU s |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['method']} | {r['sparsity']:g} | {r['recall@20']:.4f} | "
+        method = r["method"] if r.get("budget", "per_layer") == "per_layer" else f"{r['method']} ({r['budget']})"
+        lines.append(f"| {r['model']} | {method} | {r['sparsity']:g} | {r['recall@20']:.4f} | "
                      f"{r['ndcg@20']:.4f} | {r['retention']:.3f} | {r['training_macs_vs_dense']:.3f} | "
                      f"{r['train_seconds']:.0f} | {r['train_cpu_seconds'] or float('nan'):.0f} |")
     return "\n".join(lines)
@@ -117,6 +121,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--methods", nargs="+", default=["dsl", "gmp", "rp", "set"], choices=list(METHODS)[1:],
                    help="sparse methods (dense always runs once per model)")
     p.add_argument("--sparsities", nargs="+", type=float, default=[0.8, 0.5, 0.9])
+    p.add_argument("--dsl-budgets", nargs="+", default=["per_layer"], choices=BUDGETS,
+                   help="DSL runs once per budget mode (DynamicSparsity(budget=...)); per_layer is the paper's")
     p.add_argument("--epochs", nargs="*", default=[], metavar="[MODEL=]N",
                    help="epochs for all models (N) or per model (MODEL=N); default: the model's")
     p.add_argument("--lr", nargs="*", default=[], metavar="[MODEL=]LR",
@@ -148,11 +154,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows: list[dict] = []
     start = time.time()
     for model in args.models:
-        def config(method: str, sparsity: float, **changes) -> TrainConfig:
-            options = dict(model=model, dataset=args.dataset, method=method, sparsity=sparsity,
+        def config(method: str, sparsity: float, budget: str = "per_layer", **changes) -> TrainConfig:
+            options = dict(model=model, dataset=args.dataset, method=method, sparsity=sparsity, budget=budget,
                            epochs=epochs.get(model, epochs.get("*")), batch_size=batches.get(model, batches.get("*")),
                            lr=lrs.get(model, lrs.get("*")), hparams=hparams.get(model, {}), seed=args.seed,
-                           verbose=args.verbose, out=str(_run_dir(out, model, method, sparsity)))
+                           verbose=args.verbose, out=str(_run_dir(out, model, method, sparsity, budget)))
             return TrainConfig(**{**options, **changes})
 
         selection = dict(early_stopping=True, es_every=args.es_every, es_patience=args.es_patience)
@@ -164,9 +170,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
             config = functools.partial(config, epochs=chosen)
         rows.append(_row(dense, dense, Path(dense_cfg.out)))
         for sparsity in args.sparsities:
-            for method in args.methods:
-                cfg = config(method, sparsity)
-                rows.append(_row(train_or_reuse(cfg), dense, Path(cfg.out)))
+            for method, budget in [(m, b) for m in args.methods for b in (args.dsl_budgets if m == "dsl" else
+                                                                          ["per_layer"])]:
+                cfg = config(method, sparsity, budget)
+                rows.append(_row(train_or_reuse(cfg), dense, Path(cfg.out), budget))
                 table.write_text(json.dumps({"command": " ".join(sys.argv), "rows": rows}, indent=2))
                 print(f"[bench] {len(rows)} runs, {time.time() - start:.0f}s\n{markdown(rows)}", flush=True)
     table.write_text(json.dumps({"command": " ".join(sys.argv), "rows": rows}, indent=2))

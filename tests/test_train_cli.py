@@ -342,6 +342,29 @@ def test_bench_reuses_a_run_whose_marker_predates_a_new_config_field(tmp_path, m
         bench.train_or_reuse(_config(tmp_path, "dsl", epochs=1, prune_by="row_relative"))
 
 
+def test_bench_runs_dsl_once_per_budget_mode(tmp_path, monkeypatch):
+    """--dsl-budgets per_layer per_row: DSL runs once per mode (the others once), each in its own directory,
+    and every row records its budget."""
+    import benchmarks.gowalla as bench
+
+    seen = []
+
+    def fake(cfg):
+        seen.append((cfg.method, cfg.budget, Path(cfg.out).name))
+        return {"model": cfg.model, "method": cfg.method, "sparsity": cfg.sparsity, "density": 1.0, "steps": 1,
+                "metrics": {"recall@20": 0.1, "ndcg@20": 0.1}, "training_macs": 1, "inference_macs": 1,
+                "train_seconds": 1.0, "time": {"epochs": [1.0]}}
+
+    monkeypatch.setattr(bench, "train_or_reuse", fake)
+    rows = bench.main(["--models", "mf_bpr", "--methods", "dsl", "gmp", "--sparsities", "0.8", "--epochs", "1",
+                       "--dsl-budgets", "per_layer", "per_row", "--out", str(tmp_path), "--json",
+                       str(tmp_path / "rows.json"), "--verbose", "0"])
+    assert seen == [("dense", "per_layer", "mf_bpr_dense"), ("dsl", "per_layer", "mf_bpr_dsl_s0.8"),
+                    ("dsl", "per_row", "mf_bpr_dsl_per_row_s0.8"), ("gmp", "per_layer", "mf_bpr_gmp_s0.8")]
+    assert [(r["method"], r["budget"]) for r in rows] == [(m, b) for m, b, _ in seen]
+    assert json.loads((tmp_path / "rows.json").read_text())["rows"] == rows
+
+
 def test_figures_draw_per_row_dsl_as_its_own_series(tmp_path, monkeypatch):
     """A per-row DSL run is its own series (``dsl per-row``) in Fig. 2, 4 and 5, not a second point of ``dsl``;
     Fig. 4's bars are each run's row densities by popularity tenth."""
