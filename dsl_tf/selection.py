@@ -414,8 +414,8 @@ def row_swap(active: tf.Tensor, prune_keys: tf.Tensor, grow_keys: tf.Tensor, rat
     Row ``r`` with ``k_r`` active entries swaps ``ratio · k_r`` of them in expectation: the
     floor, plus one with probability the fractional part (stochastic rounding). A floor alone
     would stop a row from exploring once ``ratio · k_r < 1`` (with 12.8 entries per row, for
-    the last quarter of the cosine schedule; with 1.28, always), and the total stays
-    ``ratio · budget`` on average, as the paper's rule. Its active entries with the smallest ``|prune_keys|``
+    the last quarter of the cosine schedule; with 1.28, always); rounded, the total is
+    ``ratio · budget`` on average, as with the paper's rule. Its active entries with the smallest ``|prune_keys|``
     are pruned and, among its entries free after the prune (before it, ``exclude_pruned``,
     which caps the swap at the row's free count), those with the largest ``|grow_keys|``
     grown; ties in random order. Every row keeps its count. Works on ``[rows, dim]`` tensors
