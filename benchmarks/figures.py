@@ -43,7 +43,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import scipy.sparse as sp  # noqa: E402
 
-from benchmarks.gowalla import train_or_reuse  # noqa: E402
+from benchmarks.gowalla import label, train_or_reuse  # noqa: E402
 from trainers.evaluation import group_density, popularity_groups  # noqa: E402
 from trainers.train import TrainConfig, key_values  # noqa: E402
 
@@ -63,15 +63,6 @@ def _rows(paths: list[str]) -> list[dict]:
 
 def _models(rows: list[dict]) -> list[str]:
     return list(dict.fromkeys(r["model"] for r in rows))
-
-
-def label(row: dict) -> str:
-    """A row's series: its method, and ``per-row`` for ``DynamicSparsity(budget="per_row")`` runs.
-
-    >>> label({"method": "dsl", "budget": "per_row"}), label({"method": "dsl"})
-    ('dsl per-row', 'dsl')
-    """
-    return f"{row['method']} per-row" if row.get("budget") == "per_row" else row["method"]
 
 
 def fig2(rows: list[dict], out: Path) -> Path:

@@ -94,13 +94,21 @@ def _row(summary: dict, dense: dict, run: Path, budget: str = "per_layer") -> di
     }
 
 
+def label(row: dict) -> str:
+    """A result row's series: its method, plus ``per-row`` for ``DynamicSparsity(budget="per_row")`` runs.
+
+    >>> label({"method": "dsl", "budget": "per_row"}), label({"method": "dsl"})
+    ('dsl per-row', 'dsl')
+    """
+    return f"{row['method']} per-row" if row.get("budget") == "per_row" else row["method"]
+
+
 def markdown(rows: list[dict]) -> str:
     """The results as a Markdown table."""
     lines = ["| model | method | s | Recall@20 | NDCG@20 | Recall vs dense | train MACs vs dense | train s | train CPU s |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        method = r["method"] if r.get("budget", "per_layer") == "per_layer" else f"{r['method']} ({r['budget']})"
-        lines.append(f"| {r['model']} | {method} | {r['sparsity']:g} | {r['recall@20']:.4f} | "
+        lines.append(f"| {r['model']} | {label(r)} | {r['sparsity']:g} | {r['recall@20']:.4f} | "
                      f"{r['ndcg@20']:.4f} | {r['retention']:.3f} | {r['training_macs_vs_dense']:.3f} | "
                      f"{r['train_seconds']:.0f} | {r['train_cpu_seconds'] or float('nan'):.0f} |")
     return "\n".join(lines)
